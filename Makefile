@@ -1,0 +1,27 @@
+# Two entry points, each creating the environment on first use:
+#   make demo   - the 2-D toy problem with every core method (plot + table in deconflict-demo/)
+#   make test   - ruff and the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+# PyTorch first, pinned: the CPU wheel of this machine. The project itself asks for torch>=2.4,
+# which the installed 2.13.0 satisfies, so pip fetches nothing bigger.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/deconflict demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) deconflict-demo

@@ -1,0 +1,75 @@
+"""deconflict: multi-task learning without conflicting gradients.
+
+Three lines in a training loop::
+
+    method = deconflict.GradOPS(alpha=-1)            # once
+    ...
+    losses = [loss_fn(out, y) for out, y in ...]     # one scalar per task
+    deconflict.backward(losses, model.trunk.parameters(), method)   # instead of loss.backward()
+    optimizer.step()
+
+Every method maps the Gramian M = J J^T of the task gradients to task weights c, and the update
+of the shared parameters is J^T c. ``deconflict.get(name, **options)`` builds any method by name.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .aggregate import aggregate
+from .engine import StepRecord, backward
+from .errors import (
+    DeconflictError,
+    DisconnectedLossError,
+    InvalidGramianError,
+    InvalidOptionError,
+    NonFiniteError,
+    ShapeError,
+    UnknownMethodError,
+)
+from .gramian import combine, gramian
+from .methods import (
+    IMTLG,
+    MGDA,
+    CAGrad,
+    CAGradFast,
+    GradOPS,
+    Mean,
+    Method,
+    PCGrad,
+    Sum,
+    Tensioner,
+    available,
+    get,
+)
+
+try:
+    __version__ = version("deconflict")
+except PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "IMTLG",
+    "MGDA",
+    "CAGrad",
+    "CAGradFast",
+    "DeconflictError",
+    "DisconnectedLossError",
+    "GradOPS",
+    "InvalidGramianError",
+    "InvalidOptionError",
+    "Mean",
+    "Method",
+    "NonFiniteError",
+    "PCGrad",
+    "ShapeError",
+    "StepRecord",
+    "Sum",
+    "Tensioner",
+    "UnknownMethodError",
+    "__version__",
+    "aggregate",
+    "available",
+    "backward",
+    "combine",
+    "get",
+    "gramian",
+]

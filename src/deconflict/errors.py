@@ -1,0 +1,36 @@
+"""The errors deconflict raises for bad input.
+
+Every error is a ``ValueError`` (so existing ``except ValueError`` code keeps working) and a
+``DeconflictError`` (so callers can catch ours specifically). Messages name the task, parameter or
+option at fault.
+"""
+
+from __future__ import annotations
+
+
+class DeconflictError(Exception):
+    """Base class of every error raised by deconflict."""
+
+
+class NonFiniteError(DeconflictError, ValueError):
+    """A loss, a gradient, a Gramian or a method option holds NaN or infinity."""
+
+
+class DisconnectedLossError(DeconflictError, ValueError):
+    """A task loss does not depend on the shared parameters (or on the shared features)."""
+
+
+class InvalidGramianError(DeconflictError, ValueError):
+    """A matrix given as a Gramian is not symmetric or has a negative diagonal."""
+
+
+class ShapeError(DeconflictError, ValueError):
+    """A tensor has a shape that does not fit (non-square Gramian, non-scalar loss, ...)."""
+
+
+class UnknownMethodError(DeconflictError, ValueError):
+    """No method is registered under the requested name."""
+
+
+class InvalidOptionError(DeconflictError, ValueError):
+    """A method option is out of range or not accepted by the method."""

@@ -1,0 +1,1 @@
+"""Experiments from the papers, built on the public API only."""

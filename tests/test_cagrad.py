@@ -1,0 +1,111 @@
+"""CAGrad and CAGrad-Fast: special cases, rescale options, golden values, Eq. 4."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from properties import assert_close_relative, update
+from strategies import build_jacobian, jacobians
+
+import deconflict
+from deconflict.methods.cagrad_fast import subsampling_matrix
+
+
+@given(J=jacobians())
+def test_c_zero_gives_the_mean_gradient(J):
+    np.testing.assert_allclose(update(deconflict.CAGrad(c=0.0, rescale=0), J), J.mean(axis=0),
+                               rtol=1e-12, atol=1e-300)
+
+
+def test_golden_orthogonal_tasks():
+    """g1 = (1, 0), g2 = (0, 1): w* = (1/2, 1/2), g_w = g0 = (1/2, 1/2), so
+    D = g0 + c |g0| g0/|g0| = (1 + c) g0 = (3/4, 3/4) for c = 1/2 (rescale 0);
+    rescale 1 divides by 1 + c^2 = 5/4: (3/5, 3/5); rescale 2 by 1 + c = 3/2: (1/2, 1/2)."""
+    J = np.eye(2)
+    np.testing.assert_allclose(update(deconflict.CAGrad(0.5, rescale=0), J), [0.75, 0.75],
+                               rtol=1e-14)
+    np.testing.assert_allclose(update(deconflict.CAGrad(0.5, rescale=1), J), [0.6, 0.6],
+                               rtol=1e-14)
+    np.testing.assert_allclose(update(deconflict.CAGrad(0.5, rescale=2), J), [0.5, 0.5],
+                               rtol=1e-14)
+
+
+def test_golden_conflicting_pair_by_hand():
+    """g1 = (1, 0), g2 = (-1, 0) (opposite): g0 = 0, the ball has radius 0, D = g0 = 0."""
+    J = np.array([[1.0, 0.0], [-1.0, 0.0]])
+    np.testing.assert_array_equal(update(deconflict.CAGrad(0.5), J), np.zeros(2))
+
+
+@pytest.mark.parametrize(("rescale", "factor"), [(0, 1.5), (1, 1.5 / 1.25), (2, 1.0)])
+def test_single_task(rescale, factor):
+    """T = 1: D = (1 + c) g before rescaling."""
+    g = np.array([[2.0, -1.0, 0.5]])
+    np.testing.assert_allclose(update(deconflict.CAGrad(0.5, rescale=rescale), g), factor * g[0],
+                               rtol=1e-14)
+
+
+@given(J=jacobians(kinds=("random", "conflicting", "norm_spread"), min_tasks=2, scales=False),
+       c=st.sampled_from([0.2, 0.5, 0.8]))
+def test_update_maximizes_the_worst_improvement_in_the_ball(J, c):
+    """No point of the ball around g0 (radius c |g0|) does better on min_i g_i . D."""
+    D = update(deconflict.CAGrad(c, rescale=0), J)
+    g0 = J.mean(axis=0)
+    radius = c * np.linalg.norm(g0)
+    best = np.min(J @ D)
+    rng = np.random.default_rng(0)
+    directions = rng.standard_normal((500, J.shape[1]))
+    candidates = g0 + radius * directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    assert np.max(np.min(candidates @ J.T, axis=1)) <= best + 1e-9 * np.max(np.abs(J)) ** 2
+
+
+def test_options_are_validated():
+    with pytest.raises(deconflict.InvalidOptionError, match="c must be"):
+        deconflict.CAGrad(c=-0.1)
+    with pytest.raises(deconflict.InvalidOptionError, match="c must be"):
+        deconflict.CAGrad(c=math.nan)
+    with pytest.raises(deconflict.InvalidOptionError, match="rescale"):
+        deconflict.CAGrad(rescale=3)
+    with pytest.raises(deconflict.InvalidOptionError, match="num_sampled"):
+        deconflict.CAGradFast(num_sampled=0)
+
+
+# --------------------------------------------------------------------------------- CAGrad-Fast
+@given(J=jacobians(min_tasks=2, scales=False))
+def test_fast_with_every_task_sampled_is_cagrad(J):
+    fast = deconflict.CAGradFast(num_sampled=J.shape[0], seed=0)
+    assert_close_relative(update(fast, J), update(deconflict.CAGrad(), J), 1e-9,
+                          atol=1e-12 * np.abs(J).sum())
+
+
+def test_fast_is_cagrad_on_the_sampled_tasks_plus_the_mean_of_the_rest():
+    """Eq. 4 by hand: T = 4, S = {1, 3}: the vectors are g1, g3 and h = (g0 + g2) / 2, and the
+    ball is still centred on the mean of all four, g0 = (1/4) sum g = (1/2 g1 + 1/2 g3 ... )."""
+    J = build_jacobian("conflicting", 4, 4, 6, 0.0)
+    A = subsampling_matrix(4, np.array([3, 1]))
+    np.testing.assert_array_equal(A, [[0, 1, 0, 0], [0, 0, 0, 1], [0.5, 0, 0.5, 0]])
+    reduced = A @ J
+    # g0 = (g1 + g3 + 2 h) / 4 in terms of the rows of A J.
+    anchor = np.array([0.25, 0.25, 0.5])
+    from deconflict.methods.cagrad import cagrad_weights
+
+    weights, _ = cagrad_weights(reduced @ reduced.T, anchor, 0.5, 1)
+    expected = weights @ reduced
+    fast = deconflict.CAGradFast(c=0.5)
+    c, _ = fast.weights_with_diagnostics(torch.from_numpy(reduced @ reduced.T),
+                                         combinations=torch.from_numpy(A))
+    np.testing.assert_allclose(c.numpy() @ J, expected, rtol=1e-12)
+
+
+def test_fast_full_gramian_path_equals_combination_path_for_the_same_seed():
+    J = build_jacobian("random", 1, 6, 9, 0.0)
+    via_full = deconflict.CAGradFast(num_sampled=2, seed=7).weights(J @ J.T)
+    method = deconflict.CAGradFast(num_sampled=2, seed=7)
+    A = method.gradient_combinations(6)
+    reduced = A @ J
+    via_rows = method.weights(reduced @ reduced.T, combinations=A)
+    torch.testing.assert_close(via_rows, via_full, rtol=1e-12, atol=1e-14)

@@ -1,0 +1,127 @@
+"""The shared property suite, run on every registered method.
+
+Every method, on every input class of ``strategies.KINDS`` at global scales 1e-20..1e20, returns a
+finite update or raises a deconflict error; methods that guarantee it never conflict; the
+single-task update is a positive multiple of the gradient; homogeneous methods scale linearly.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from properties import (
+    assert_close_relative,
+    assert_finite,
+    assert_non_conflicting,
+    assert_positive_multiple,
+    update,
+)
+from strategies import build_jacobian, jacobians
+
+import deconflict
+from deconflict.methods.registry import method_class
+
+ALL_METHODS = deconflict.available()
+# Methods whose update never conflicts with a task gradient (METHODS.md), with their defaults.
+NON_CONFLICTING = ("gradops", "mgda", "imtl_g", "tensioner")
+# D(s J) = s D(J) for s > 0.
+HOMOGENEOUS = ("sum", "mean", "gradops", "pcgrad", "mgda", "cagrad", "cagrad_fast", "imtl_g")
+
+
+def make(name: str) -> deconflict.Method:
+    """A method with a fixed seed where it draws random numbers."""
+    cls = method_class(name)
+    return cls(seed=0) if "seed" in inspect.signature(cls).parameters else cls()
+
+
+def losses_for(J: np.ndarray) -> np.ndarray:
+    return np.linspace(0.5, 2.0, J.shape[0])
+
+
+def test_registry_holds_the_foundation_methods():
+    assert set(ALL_METHODS) >= {"sum", "mean", "gradops", "pcgrad", "mgda", "cagrad",
+                                "cagrad_fast", "imtl_g", "tensioner"}
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+@given(J=jacobians())
+def test_output_is_finite_or_a_clear_error(name, J):
+    try:
+        D = update(make(name), J, losses=losses_for(J))
+    except deconflict.DeconflictError:
+        return
+    assert_finite(D, f"{name} update")
+    assert D.shape == (J.shape[1],)
+
+
+@pytest.mark.parametrize("name", NON_CONFLICTING)
+@given(J=jacobians())
+def test_update_never_conflicts(name, J):
+    D = update(make(name), J, losses=losses_for(J))
+    assert_non_conflicting(J, D)
+
+
+@pytest.mark.parametrize("name", NON_CONFLICTING)
+@given(data=st.data())
+def test_update_never_conflicts_over_a_run(name, data):
+    """Stateful methods too: ten-plus steps, past the tensioner's warm-up window."""
+    method = make(name)
+    for step in range(14):
+        J = data.draw(jacobians(min_tasks=3, max_tasks=3, max_dim=5), label=f"J{step}")
+        losses = np.exp(np.sin(np.arange(3) + step))
+        assert_non_conflicting(J, update(method, J, losses=losses))
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+@given(J=jacobians(kinds=("single",)))
+def test_single_task_gives_a_positive_multiple_of_its_gradient(name, J):
+    assert_positive_multiple(update(make(name), J, losses=losses_for(J)), J[0])
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_single_zero_gradient_gives_zero_update(name):
+    J = np.zeros((1, 4))
+    np.testing.assert_array_equal(update(make(name), J, losses=[1.0]), np.zeros(4))
+
+
+@pytest.mark.parametrize("name", HOMOGENEOUS)
+@given(J=jacobians(scales=False), exponent=st.sampled_from([-66, -16, 16, 66]))
+def test_homogeneous_methods_scale_linearly(name, J, exponent):
+    # Powers of two (2^66 ~ 1e20) scale J exactly, so any difference is the method's own.
+    scale = 2.0**exponent
+    base = update(make(name), J, losses=losses_for(J))
+    scaled = update(make(name), J * scale, losses=losses_for(J))
+    assert_close_relative(scaled / scale, base, 1e-8, f"{name} at scale {scale:g}")
+
+
+@pytest.mark.parametrize("name", ["sum", "mean", "gradops", "mgda", "cagrad", "imtl_g"])
+@given(J=jacobians(kinds=("random", "norm_spread", "conflicting", "rank_deficient"),
+                   min_tasks=2), seed=st.integers(0, 2**16))
+def test_deterministic_methods_are_invariant_to_task_order(name, J, seed):
+    perm = np.random.default_rng(seed).permutation(J.shape[0])
+    base = update(make(name), J, losses=losses_for(J))
+    permuted = update(make(name), J[perm], losses=losses_for(J)[perm])
+    assert_close_relative(permuted, base, 1e-7, f"{name} with tasks permuted")
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_float32_jacobian_gives_float32_update(name):
+    J = build_jacobian("conflicting", 3, 3, 5, 0.0).astype(np.float32)
+    D = deconflict.aggregate(torch.from_numpy(J), make(name), losses=[1.0, 2.0, 3.0])
+    assert D.dtype == torch.float32
+    assert_finite(D)
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_weights_accept_tensor_and_array_gramians(name):
+    J = build_jacobian("random", 5, 3, 4, 0.0)
+    M = J @ J.T
+    a = make(name).weights(torch.from_numpy(M), losses=[1.0, 2.0, 3.0])
+    b = make(name).weights(M, losses=np.array([1.0, 2.0, 3.0]))
+    assert a.dtype == torch.float64 and a.shape == (3,)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
