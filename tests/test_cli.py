@@ -47,3 +47,14 @@ def test_bad_option_gives_a_one_line_error():
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert "expected a positive integer" in result.stderr
+
+
+def test_results_files_follow_the_umask(tmp_path):
+    import os
+
+    from deconflict.io import write_text
+
+    path = write_text(tmp_path / "result.md", "x\n")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

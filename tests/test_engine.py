@@ -362,3 +362,28 @@ def test_tensioner_checkpoint_resume_reproduces_the_uninterrupted_run():
     train(resumed, optimizer, method, data[13:], 17)
     for key, value in uninterrupted.items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_update_at_a_pareto_stationary_point_is_exactly_zero():
+    """Opposite task gradients g and -1.3 g: MGDA's weights (1.3, 1)/2.3 cancel them only up to
+    rounding (~1e-15 left over, checked below); the engine writes exact zeros instead."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(4, 3).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    out = trunk(x).sum()
+    g = torch.cat([p.reshape(-1) for p in torch.autograd.grad(out, list(trunk.parameters()),
+                                                              retain_graph=True)])
+    J = torch.stack([g, -1.3 * g])
+    noise = deconflict.combine(J, deconflict.MGDA().weights(J @ J.T))
+    assert 0 < noise.abs().max() < 1e-14
+    deconflict.backward([out, -1.3 * out], trunk, deconflict.MGDA())
+    assert all((p.grad == 0).all() for p in trunk.parameters())
+
+
+def test_shared_parameter_no_loss_reaches_keeps_grad_none():
+    net, x, y = make(13)
+    unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    _, losses = task_losses(net, x, y)
+    deconflict.backward(losses, [*net.trunk.parameters(), unused], deconflict.GradOPS())
+    assert unused.grad is None
+    assert all(p.grad is not None for p in net.trunk.parameters())

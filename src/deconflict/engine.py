@@ -6,7 +6,8 @@
    mode, the shared features), giving the Jacobian J in blocks, one per tensor;
 2. form the Gramian M = J J^T in float64 and ask the method for task weights c;
 3. add J^T c to each shared parameter's ``.grad`` (accumulated in float64, like M) - in
-   representation mode, backpropagate J_Z^T c once through the trunk instead;
+   representation mode, backpropagate J_Z^T c once through the trunk instead; an update below
+   its own rounding error (``gramian.rounding_floor``) is written as exact zeros;
 4. give every other parameter the losses reach (the task heads) its ordinary gradient, that of
    sum_i L_i (or sum_i c_i L_i, see ``head_weights``).
 
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import DisconnectedLossError, InvalidOptionError, NonFiniteError, ShapeError
-from .gramian import combine_block, gramian_of_blocks
+from .gramian import combine_block, gramian_of_blocks, rounding_floor, vector_norm
 from .methods.base import Method
 from .methods.registry import method_class
 
@@ -202,6 +203,8 @@ def _gradient_backward(
         if all(g is None for g in grads):
             raise _disconnected(k, features is not None, combination=A is not None)
         per_row.append(grads)
+    # Like autograd, a tensor no loss reaches keeps .grad as it was (optimizers skip None).
+    reached = [any(grads[index] is not None for grads in per_row) for index in range(len(targets))]
     blocks = []
     for index, target in enumerate(targets):
         column = []
@@ -235,13 +238,17 @@ def _gradient_backward(
                                              retain_graph=retain_graph or not last_use)
             _accumulate(heads, head_grads, "a task-specific parameter", fresh=False)
 
+    # J^T c (or J_Z^T c at the features), zeroed when it is below its own rounding error.
+    updates = [combine_block(block, row_weights) for block in blocks]
+    if vector_norm(updates) <= rounding_floor(M, row_weights):
+        for update in updates:
+            update.zero_()
     if features is None:
-        for (_, param), block in zip(shared, blocks, strict=True):
-            _accumulate([param], [combine_block(block, row_weights).view_as(param)],
-                        "a shared parameter", fresh=True)
+        for (_, param), update, hit in zip(shared, updates, reached, strict=True):
+            if hit:
+                _accumulate([param], [update.view_as(param)], "a shared parameter", fresh=True)
     else:
-        outputs = [combine_block(block, row_weights).view_as(f)
-                   for f, block in zip(features, blocks, strict=True)]
+        outputs = [update.view_as(f) for f, update in zip(features, updates, strict=True)]
         params = [p for _, p in shared]
         trunk_grads = torch.autograd.grad(features, params, outputs, allow_unused=True,
                                           retain_graph=retain_graph)
