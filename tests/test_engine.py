@@ -248,6 +248,7 @@ def test_nan_gradient_in_a_head_is_caught():
     losses[2] = losses[2] + torch.sqrt(w[0, 0] - w[0, 0].detach())
     with pytest.raises(deconflict.NonFiniteError, match="task-specific parameter"):
         deconflict.backward(losses, net.trunk, deconflict.GradOPS())
+    assert all(p.grad is None for p in net.parameters())  # nothing half-applied
 
 
 def test_loss_that_does_not_reach_the_shared_parameters():
@@ -300,6 +301,16 @@ def test_bad_shared_parameters():
         deconflict.backward(losses, frozen, deconflict.GradOPS())
     with pytest.raises(deconflict.InvalidOptionError, match="not a leaf"):
         deconflict.backward(losses, [net.trunk[0].weight * 2], deconflict.GradOPS())
+
+
+def test_failing_trunk_pass_leaves_every_grad_untouched():
+    """Representation mode: heads are computed first, but written only if the trunk pass works."""
+    net, x, y = make()
+    z, losses = task_losses(net, x, y)
+    with pytest.raises(deconflict.DisconnectedLossError, match="features do not depend"):
+        deconflict.backward(losses, [nn.Parameter(torch.ones(2))], deconflict.GradOPS(),
+                            features=z)
+    assert all(p.grad is None for p in net.parameters())
 
 
 def test_features_bypassed_by_a_shared_parameter():

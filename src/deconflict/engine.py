@@ -170,10 +170,10 @@ def _gradient_backward(
 ) -> StepRecord:
     shared_ids = {id(p) for _, p in shared}
     stop = {f.grad_fn for f in features} if features is not None else set()
-    reached = _reachable_leaves(loss_list, stop)
-    heads = [leaf for leaf in reached if id(leaf) not in shared_ids]
+    leaves = _reachable_leaves(loss_list, stop)
+    heads = [leaf for leaf in leaves if id(leaf) not in shared_ids]
     if features is not None:
-        bypass = [name for name, p in shared if any(leaf is p for leaf in reached)]
+        bypass = [name for name, p in shared if any(leaf is p for leaf in leaves)]
         if bypass:
             raise ShapeError(
                 f"shared parameter {bypass[0]} is reached by the losses without passing through "
@@ -204,7 +204,8 @@ def _gradient_backward(
             raise _disconnected(k, features is not None, combination=A is not None)
         per_row.append(grads)
     # Like autograd, a tensor no loss reaches keeps .grad as it was (optimizers skip None).
-    reached = [any(grads[index] is not None for grads in per_row) for index in range(len(targets))]
+    target_reached = [any(grads[index] is not None for grads in per_row)
+                      for index in range(len(targets))]
     blocks = []
     for index, target in enumerate(targets):
         column = []
@@ -228,15 +229,16 @@ def _gradient_backward(
     row_weights = c if A is None else torch.from_numpy(
         np.linalg.lstsq(A.T, c.numpy(), rcond=None)[0])
 
+    # Everything is computed and checked before any .grad changes: no half-applied step.
+    writes: list[tuple[str, list[Tensor], Sequence[Tensor | None], bool]] = []
     if heads:
         head_coefficients = c.tolist() if head_weights == "method" else [1.0] * len(loss_list)
         head_loss = sum(w * loss for w, loss in zip(head_coefficients, loss_list, strict=True)
                         if w != 0.0)
         if isinstance(head_loss, Tensor):
-            last_use = features is None
             head_grads = torch.autograd.grad(head_loss, heads, allow_unused=True,
-                                             retain_graph=retain_graph or not last_use)
-            _accumulate(heads, head_grads, "a task-specific parameter", fresh=False)
+                                             retain_graph=retain_graph or features is not None)
+            writes.append(("a task-specific parameter", heads, head_grads, False))
 
     # J^T c (or J_Z^T c at the features), zeroed when it is below its own rounding error.
     updates = [combine_block(block, row_weights) for block in blocks]
@@ -244,9 +246,9 @@ def _gradient_backward(
         for update in updates:
             update.zero_()
     if features is None:
-        for (_, param), update, hit in zip(shared, updates, reached, strict=True):
-            if hit:
-                _accumulate([param], [update.view_as(param)], "a shared parameter", fresh=True)
+        hit = [(p, u.view_as(p)) for (_, p), u, r in zip(shared, updates, target_reached,
+                                                          strict=True) if r]
+        writes.append(("a shared parameter", [p for p, _ in hit], [u for _, u in hit], True))
     else:
         outputs = [update.view_as(f) for f, update in zip(features, updates, strict=True)]
         params = [p for _, p in shared]
@@ -254,7 +256,12 @@ def _gradient_backward(
                                           retain_graph=retain_graph)
         if all(g is None for g in trunk_grads):
             raise DisconnectedLossError("the features do not depend on any shared parameter")
-        _accumulate(params, trunk_grads, "a shared parameter", fresh=False)
+        writes.append(("a shared parameter", params, trunk_grads, False))
+
+    for what, params, grads, _ in writes:
+        _check_finite(params, grads, what)
+    for _, params, grads, fresh in writes:
+        _accumulate(params, grads, fresh=fresh)
 
     return StepRecord(
         weights=c, losses=loss_values, gramian=M.cpu(), diagnostics=diagnostics,
@@ -396,10 +403,7 @@ def _raise_non_finite(blocks: Sequence[Tensor], names: Sequence[str], combinatio
     raise NonFiniteError("the task gradients are too large: their Gramian overflows float64")
 
 
-def _accumulate(
-    params: Sequence[Tensor], grads: Sequence[Tensor | None], what: str, *, fresh: bool
-) -> None:
-    """Add gradients to ``.grad``, as autograd does. ``fresh``: the tensors are ours to keep."""
+def _check_finite(params: Sequence[Tensor], grads: Sequence[Tensor | None], what: str) -> None:
     present = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
     if not present:
         return
@@ -408,7 +412,13 @@ def _accumulate(
         index = int(torch.nonzero(~finite)[0])
         raise NonFiniteError(f"the gradient of {what} of shape {tuple(present[index][0].shape)} "
                              "contains NaN or infinity")
-    for param, grad in present:
+
+
+def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], *, fresh: bool) -> None:
+    """Add gradients to ``.grad``, as autograd does. ``fresh``: the tensors are ours to keep."""
+    for param, grad in zip(params, grads, strict=True):
+        if grad is None:
+            continue
         grad = grad.detach().to(param.dtype)
         if param.grad is not None:
             param.grad.add_(grad)
