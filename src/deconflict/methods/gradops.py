@@ -62,6 +62,9 @@ _RCOND = 1e-13
 _CHECK_TOL = 1e-9
 _ROUNDING_BUDGET = 1e-8
 _EPS = float(np.finfo(np.float64).eps)
+# The one-factorization fast path needs lambda_min(K) above this as well as above
+# dependence_tol: below it, the per-task pivoted solves are the accurate choice.
+_FAST_PATH_MIN_EIGENVALUE = 1e-8
 # Each retry multiplies both cutoffs by this factor.
 _ESCALATION = 1e3
 _RETRIES = 3
@@ -98,7 +101,7 @@ def project_conflicting(
 
     live = np.flatnonzero(nonzero)
     K_live = K if live.size == T else K[np.ix_(live, live)]
-    if np.linalg.eigvalsh(K_live)[0] > max(dependence_tol, 1e-8):
+    if np.linalg.eigvalsh(K_live)[0] > max(dependence_tol, _FAST_PATH_MIN_EIGENVALUE):
         # Fast path: by interlacing, every K_{-i} is well conditioned and every
         # s_i >= lambda_min(K) > dependence_tol, so the per-task form finds the same projections.
         # Cholesky (not an eigendecomposition) keeps the residual of K^-1 at rounding level.
