@@ -1,7 +1,8 @@
-"""``aggregate(J, method)``: the update J^T c for a Jacobian already in hand."""
+"""``aggregate(J, method)``: the update for a Jacobian already in hand."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
@@ -10,10 +11,15 @@ from .engine import resolve_method
 from .methods.base import Method
 
 
-def aggregate(jacobian: Tensor, method: Method | str, *, losses: Any = None) -> Tensor:
-    """The update D = J^T c (d,) of ``method`` for a T x d Jacobian J, in J's dtype.
+def aggregate(
+    jacobian: Tensor, method: Method | str, *, losses: Any = None,
+    block_sizes: Sequence[int] | None = None,
+) -> Tensor:
+    """The update (d,) of ``method`` for a T x d Jacobian J, in J's dtype.
 
-    The Gramian and the combination are accumulated in float64. ``losses`` (T values) is passed
-    to methods that use them (the tensioner, MGDA's loss normalizers).
+    For most methods it is J^T c, with the Gramian and the combination accumulated in float64.
+    ``losses`` (T values) is passed to methods that use them. ``block_sizes`` splits J's columns
+    into parameter blocks for methods that work per block (GradVac per parameter, GradDrop,
+    DB-MTL); by default J is one block.
     """
-    return resolve_method(method).aggregate(jacobian, losses=losses)
+    return resolve_method(method).aggregate(jacobian, losses=losses, block_sizes=block_sizes)

@@ -10,6 +10,13 @@ from collections.abc import Sequence
 from .errors import DeconflictError
 from .methods.registry import available, method_class
 
+INPUTS = {
+    "losses": "losses only (one backward pass)",
+    "gramian": "Gramian only",
+    "block_gramians": "a Gramian per layer",
+    "jacobian": "the task gradients themselves",
+}
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -36,8 +43,7 @@ def _command_methods(args: argparse.Namespace) -> int:
     rows = []
     for name in available():
         cls = method_class(name)
-        traits = [cls.family]
-        traits.append("needs per-task gradients" if cls.needs_gramian else "loss weights only")
+        traits = [cls.family, f"input: {INPUTS[cls().kind]}"]
         if cls.stateful:
             traits.append("stateful")
         rows.append((name, cls.summary, ", ".join(traits), cls.paper))

@@ -4,15 +4,17 @@
 
 1. differentiate each task loss with respect to the shared parameters (or, in representation
    mode, the shared features), giving the Jacobian J in blocks, one per tensor;
-2. form the Gramian M = J J^T in float64 and ask the method for task weights c;
-3. add J^T c to each shared parameter's ``.grad`` (accumulated in float64, like M) - in
-   representation mode, backpropagate J_Z^T c once through the trunk instead; an update below
-   its own rounding error (``gramian.rounding_floor``) is written as exact zeros;
+2. turn the blocks into the update with ``update.compute_update`` (Gramian M = J J^T in
+   float64, the method's weights c, J^T c accumulated in float64 - or the method's own block or
+   Jacobian rule, see ``methods.base``);
+3. add the update to each shared parameter's ``.grad`` - in representation mode, backpropagate
+   it once through the trunk instead;
 4. give every other parameter the losses reach (the task heads) its ordinary gradient, that of
-   sum_i L_i (or sum_i c_i L_i, see ``head_weights``).
+   sum_i L_i (or another weighting, see ``head_weights``).
+Nothing is written until every gradient is computed and checked.
 
-Methods whose weights do not depend on the gradients (sum, mean) cost one ordinary backward
-pass of sum_i c_i L_i instead of T.
+Loss-weighting methods (sum, mean, UW, DWA, RLW, FAMO, ...) cost one ordinary backward pass of
+sum_i c_i L_i instead of T; GradNorm adds T cheap passes down to the last shared layer.
 
 Gradients add to ``.grad`` as autograd's do, so gradient accumulation over micro-batches works
 unchanged. ``backward`` returns a ``StepRecord`` for logging.
@@ -29,9 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from .errors import DisconnectedLossError, InvalidOptionError, NonFiniteError, ShapeError
-from .gramian import combine_block, gramian_of_blocks, rounding_floor, vector_norm
+from .gramian import gramian_of_blocks
 from .methods.base import Method
 from .methods.registry import method_class
+from .update import compute_update, raise_non_finite
 
 HeadWeights = Literal["auto", "unit", "method"]
 
@@ -40,7 +43,8 @@ HeadWeights = Literal["auto", "unit", "method"]
 class StepRecord:
     """What one call to ``backward`` did, for logging (all tensors float64, on the CPU).
 
-    - ``weights``: c (T,), the shared update is J^T c;
+    - ``weights``: c (T,) when the shared update is J^T c (None for block and Jacobian methods,
+      whose weights are in the diagnostics or do not exist);
     - ``losses``: the T loss values;
     - ``gramian``: M = J J^T, or None when the method needed no per-task gradients. With
       ``combinations`` (CAGrad-Fast), the Gramian of the combined losses A L instead;
@@ -48,7 +52,7 @@ class StepRecord:
     - ``mode``: "losses" (one weighted backward), "parameters" or "features".
     """
 
-    weights: Tensor
+    weights: Tensor | None
     losses: Tensor
     gramian: Tensor | None
     diagnostics: dict[str, Any] = field(default_factory=dict)
@@ -101,10 +105,10 @@ def backward(
             The method combines the task gradients with respect to Z, and the combination is
             backpropagated once through the trunk into ``shared_params``. The Gramian then sums
             over the batch and feature dimensions.
-        head_weights: gradient given to the other parameters: "unit" (that of sum_i L_i,
-            the default for gradient methods), "method" (that of sum_i c_i L_i, the default for
-            methods that only weight losses, and the official MGDA/Nash-MTL convention), or
-            "auto".
+        head_weights: gradient given to the other parameters: "auto" (the method's own choice:
+            sum_i L_i for gradient methods, sum_i c_i L_i for loss weighting, the log losses for
+            DB-MTL), "unit" (that of sum_i L_i) or "method" (that of sum_i c_i L_i, the
+            official MGDA/Nash-MTL convention).
         compute_gramian: force (True) the per-task gradients and Gramian even for methods that
             only weight losses, e.g. to log conflicts; None decides from the method.
         retain_graph: keep the autograd graph for another backward pass.
@@ -132,13 +136,20 @@ def backward(
         )
     shared = _named_leaves(shared_params)
     feature_list = _check_features(features)
-    if compute_gramian is False and method.needs_gramian:
-        raise InvalidOptionError(f"{method.name} needs the per-task gradients and their Gramian")
-    use_gradients = method.needs_gramian or bool(compute_gramian)
-    if head_weights == "auto":
-        head_weights = "unit" if method.needs_gramian else "method"
-
-    if not use_gradients:
+    if method.needs_features and feature_list is None:
+        raise InvalidOptionError(
+            f"{method.name} works on the shared representation: pass features=<the trunk's output>"
+        )
+    loss_weighting = method.kind == "losses"
+    if compute_gramian is False and not loss_weighting:
+        raise InvalidOptionError(f"{method.name} needs the per-task gradients")
+    per_task = not loss_weighting or method.gradient_scope == "shared" or bool(compute_gramian)
+    if not per_task:
+        if head_weights == "unit":
+            raise InvalidOptionError(
+                f"{method.name} does one weighted backward pass, so every parameter gets the "
+                "weighted gradient; pass compute_gramian=True for head_weights='unit'"
+            )
         return _weighted_loss_backward(method, loss_list, loss_values, shared, feature_list,
                                        retain_graph)
     return _gradient_backward(method, loss_list, loss_values, shared, feature_list,
@@ -151,29 +162,42 @@ def _weighted_loss_backward(
     shared: list[tuple[str, Tensor]], features: list[Tensor] | None, retain_graph: bool,
 ) -> StepRecord:
     """Loss-weighting methods: one ordinary backward pass of sum_i c_i L_i."""
-    leaf_ids = set() if features is not None else {id(p) for _, p in shared}
+    leaf_ids = set() if features is not None else {id(p) for _, p, _ in shared}
     nodes = {f.grad_fn for f in features} if features is not None else set()
     for task, loss in enumerate(loss_list):
         if not _reaches(loss, leaf_ids, nodes):
             raise _disconnected(task, features is not None)
-    c, diagnostics = method.weights_with_diagnostics(None, losses=loss_values)
+    layer_gramian = None
+    if method.gradient_scope == "last_layer":
+        # GradNorm: per-task gradients of the last shared layer only (cheap: through the heads).
+        last = [(name, p) for name, p, layer in shared if layer == shared[-1][2]]
+        columns = [torch.autograd.grad(loss, [p for _, p in last], retain_graph=True,
+                                       allow_unused=True) for loss in loss_list]
+        blocks = [torch.stack([torch.zeros_like(p) if g[k] is None else g[k] for g in columns])
+                  .reshape(len(loss_list), -1) for k, (_, p) in enumerate(last)]
+        layer_gramian = gramian_of_blocks(blocks)
+        if not bool(torch.isfinite(layer_gramian).all()):
+            raise_non_finite(blocks, [f"shared parameter {name}" for name, _ in last], False)
+    c, diagnostics = method.weights_with_diagnostics(layer_gramian, losses=loss_values)
     total = sum(float(w) * loss for w, loss in zip(c.tolist(), loss_list, strict=True))
     torch.autograd.backward(total, retain_graph=retain_graph)
+    if layer_gramian is not None:
+        diagnostics["layer_gramian"] = layer_gramian.cpu()
     return StepRecord(weights=c, losses=loss_values, gramian=None, diagnostics=diagnostics,
                       mode="losses")
 
 
 def _gradient_backward(
     method: Method, loss_list: list[Tensor], loss_values: Tensor,
-    shared: list[tuple[str, Tensor]], features: list[Tensor] | None,
+    shared: list[tuple[str, Tensor, str]], features: list[Tensor] | None,
     head_weights: str, retain_graph: bool,
 ) -> StepRecord:
-    shared_ids = {id(p) for _, p in shared}
+    shared_ids = {id(p) for _, p, _ in shared}
     stop = {f.grad_fn for f in features} if features is not None else set()
     leaves = _reachable_leaves(loss_list, stop)
     heads = [leaf for leaf in leaves if id(leaf) not in shared_ids]
     if features is not None:
-        bypass = [name for name, p in shared if any(leaf is p for leaf in leaves)]
+        bypass = [name for name, p, _ in shared if any(leaf is p for leaf in leaves)]
         if bypass:
             raise ShapeError(
                 f"shared parameter {bypass[0]} is reached by the losses without passing through "
@@ -182,9 +206,11 @@ def _gradient_backward(
             )
         targets = features
         target_names = [f"the features (input {k})" for k in range(len(features))]
+        layers = target_names
     else:
-        targets = [p for _, p in shared]
-        target_names = [f"shared parameter {name}" for name, _ in shared]
+        targets = [p for _, p, _ in shared]
+        target_names = [f"shared parameter {name}" for name, _, _ in shared]
+        layers = [layer for _, _, layer in shared]
 
     A = method.gradient_combinations(len(loss_list))
     if A is None:
@@ -220,38 +246,30 @@ def _gradient_backward(
         blocks.append(torch.stack(column).reshape(len(per_row), -1))
     del per_row
 
-    M = gramian_of_blocks(blocks)
-    if not bool(torch.isfinite(M).all()):
-        _raise_non_finite(blocks, target_names, combination=A is not None)
-    c, diagnostics = method.weights_with_diagnostics(M, losses=loss_values, combinations=A)
-    c = c.cpu()
-    # With combinations, the update J^T c is (A J)^T r for the r solving A^T r = c.
-    row_weights = c if A is None else torch.from_numpy(
-        np.linalg.lstsq(A.T, c.numpy(), rcond=None)[0])
+    update = compute_update(
+        method, blocks, target_names, layers, losses=loss_values, combinations=A,
+        features=None if features is None else [f.detach() for f in features],
+    )
+    c = update.weights
 
     # Everything is computed and checked before any .grad changes: no half-applied step.
     writes: list[tuple[str, list[Tensor], Sequence[Tensor | None], bool]] = []
     if heads:
-        head_coefficients = c.tolist() if head_weights == "method" else [1.0] * len(loss_list)
-        head_loss = sum(w * loss for w, loss in zip(head_coefficients, loss_list, strict=True)
+        coefficients = _head_coefficients(method, head_weights, c, loss_values)
+        head_loss = sum(float(w) * loss for w, loss in zip(coefficients, loss_list, strict=True)
                         if w != 0.0)
         if isinstance(head_loss, Tensor):
             head_grads = torch.autograd.grad(head_loss, heads, allow_unused=True,
                                              retain_graph=retain_graph or features is not None)
             writes.append(("a task-specific parameter", heads, head_grads, False))
 
-    # J^T c (or J_Z^T c at the features), zeroed when it is below its own rounding error.
-    updates = [combine_block(block, row_weights) for block in blocks]
-    if vector_norm(updates) <= rounding_floor(M, row_weights):
-        for update in updates:
-            update.zero_()
     if features is None:
-        hit = [(p, u.view_as(p)) for (_, p), u, r in zip(shared, updates, target_reached,
-                                                          strict=True) if r]
+        hit = [(p, u.view_as(p)) for (_, p, _), u, r in zip(shared, update.blocks,
+                                                             target_reached, strict=True) if r]
         writes.append(("a shared parameter", [p for p, _ in hit], [u for _, u in hit], True))
     else:
-        outputs = [update.view_as(f) for f, update in zip(features, updates, strict=True)]
-        params = [p for _, p in shared]
+        outputs = [u.view_as(f) for f, u in zip(features, update.blocks, strict=True)]
+        params = [p for _, p, _ in shared]
         trunk_grads = torch.autograd.grad(features, params, outputs, allow_unused=True,
                                           retain_graph=retain_graph)
         if all(g is None for g in trunk_grads):
@@ -264,10 +282,25 @@ def _gradient_backward(
         _accumulate(params, grads, fresh=fresh)
 
     return StepRecord(
-        weights=c, losses=loss_values, gramian=M.cpu(), diagnostics=diagnostics,
+        weights=c, losses=loss_values, gramian=update.gramian, diagnostics=update.diagnostics,
         mode="features" if features is not None else "parameters",
         combinations=None if A is None else torch.from_numpy(A),
     )
+
+
+def _head_coefficients(
+    method: Method, head_weights: str, weights: Tensor | None, losses: Tensor
+) -> np.ndarray:
+    if head_weights == "unit":
+        return np.ones(len(losses))
+    if head_weights == "method":
+        if weights is None:
+            raise InvalidOptionError(
+                f"head_weights='method' needs task weights, and {method.name} has none"
+            )
+        return weights.numpy()
+    return method.head_coefficients(None if weights is None else weights.numpy(),
+                                    losses.numpy())
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -300,15 +333,18 @@ def _check_losses(losses: Sequence[Tensor] | Tensor) -> list[Tensor]:
 
 def _named_leaves(
     params: nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]],
-) -> list[tuple[str, Tensor]]:
+) -> list[tuple[str, Tensor, str]]:
+    """(name, tensor, layer key) for each shared tensor; tensors of one module share a key."""
     items = params.named_parameters() if isinstance(params, nn.Module) else params
-    named: list[tuple[str, Tensor]] = []
+    named: list[tuple[str, Tensor, str]] = []
     seen: set[int] = set()
     for index, item in enumerate(items):
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor):
             name, param = item
+            layer = name.rsplit(".", 1)[0] if "." in name else ""
         elif isinstance(item, Tensor):
             name, param = f"#{index} (shape {tuple(item.shape)})", item
+            layer = name
         else:
             raise TypeError(f"shared_params item {index} is a {type(item).__name__}, not a tensor")
         if not param.requires_grad:
@@ -320,7 +356,7 @@ def _named_leaves(
             )
         if id(param) not in seen:
             seen.add(id(param))
-            named.append((name, param))
+            named.append((name, param, layer))
     if not named:
         raise ShapeError("shared_params is empty: give the parameters all tasks share")
     return named
@@ -388,19 +424,6 @@ def _disconnected(task: int, features: bool, combination: bool = False) -> Disco
     what = "the features" if features else "any shared parameter"
     subject = f"combined loss {task}" if combination else f"loss {task}"
     return DisconnectedLossError(f"{subject} does not depend on {what}")
-
-
-def _raise_non_finite(blocks: Sequence[Tensor], names: Sequence[str], combination: bool) -> None:
-    """Name the first task and tensor whose gradient holds NaN or infinity."""
-    for block, name in zip(blocks, names, strict=True):
-        bad_rows = (~torch.isfinite(block)).any(dim=1)
-        if bool(bad_rows.any()):
-            task = int(torch.nonzero(bad_rows)[0])
-            subject = f"combined loss {task}" if combination else f"loss {task}"
-            raise NonFiniteError(
-                f"the gradient of {subject} with respect to {name} contains NaN or infinity"
-            )
-    raise NonFiniteError("the task gradients are too large: their Gramian overflows float64")
 
 
 def _check_finite(params: Sequence[Tensor], grads: Sequence[Tensor | None], what: str) -> None:

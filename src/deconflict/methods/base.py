@@ -1,23 +1,33 @@
-"""What a method is: a rule from the Gramian M = J J^T (and context) to task weights c.
+"""What a method is, and the four kinds of input a method can ask for.
 
-The update on the shared parameters is D = J^T c. A method never sees the d-dimensional
-gradients unless it must (none of the methods in this module's siblings do): the engine builds M,
-asks for c, and writes J^T c. Context a method may use:
+Most methods are a rule from the Gramian M = J J^T (T x T) of the task gradients to task weights
+c, and the update of the shared parameters is D = J^T c. Each method declares its ``kind``, which
+tells the engine what to compute before calling it:
 
-- ``losses``: the T loss values (the tensioner, MGDA's loss normalizers);
-- ``combinations``: for methods that request gradients of combinations of the losses
-  (CAGrad-Fast's task subsampling), the R x T matrix A whose rows were differentiated; M is then
-  the R x R Gramian of A J and the returned weights are still over the T tasks.
+- "losses": loss weighting. c depends on the loss values (and the method's state) only, so the
+  engine does one ordinary backward pass of sum_i c_i L_i. ``gradient_scope`` may ask for the
+  Gramian of the last shared layer (GradNorm's gradient norms) or of all shared parameters.
+- "gramian": c = f(M, losses, state) (GradOPS, PCGrad, MGDA, CAGrad, ...).
+- "block_gramians": one weight vector per group of parameter blocks, from that group's Gramian
+  (GradVac per layer); D restricted to group k is J_k^T c^(k).
+- "jacobian": the method needs the per-task gradients themselves (GradDrop's signs, DB-MTL's
+  moving averages) and returns the update block by block.
 
-State. Stateful methods keep their state in one attribute, ``state``, updated by a pure step
-function of the method's module (``new_state = f(old_state, ...)``); ``state_dict()`` and
-``load_state_dict()`` save and restore it exactly, so a resumed run follows the same trajectory.
+Context a method may use: ``losses`` (the T loss values) and ``combinations`` (for methods that
+request gradients of combinations of the losses, CAGrad-Fast's task subsampling: the R x T
+matrix A whose rows were differentiated; M is then the R x R Gramian of A J and the weights are
+still over the T tasks).
+
+State. Stateful methods keep their state in attributes updated by each call and save and restore
+it exactly with ``state_dict()`` / ``load_state_dict()`` (learnable weights and their optimizer
+state included), so a resumed run follows the same trajectory.
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import ABC
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,10 +36,10 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidOptionError, NonFiniteError, ShapeError
-from ..gramian import combine, gramian, rounding_floor, vector_norm
 from ..linalg import as_gramian_array, to_numpy
 
 Diagnostics = dict[str, Any]
+KINDS = ("losses", "gramian", "block_gramians", "jacobian")
 
 
 @dataclass(frozen=True)
@@ -42,27 +52,42 @@ class Context:
 
 
 class Method(ABC):
-    """Base class: subclasses implement ``_compute(M, context) -> (weights, diagnostics)``.
+    """Base class of every method (see the module docstring for the four kinds).
 
     Class attributes describe the method for users and for the engine:
 
     - ``name``: the registry name (lower snake case); ``summary``: one line; ``paper``: citation;
     - ``family``: "scalarization", "projection", "multi-objective" or "loss weighting";
-    - ``needs_gramian``: False when the weights do not depend on the gradients, so the engine
-      can do one ordinary backward pass of sum_i c_i L_i instead of T;
-    - ``stateful``: True when weights depend on earlier calls (then see ``state_dict``).
+    - ``stateful``: True when the output depends on earlier calls (then see ``state_dict``);
+    - ``needs_features``: the method only makes sense in representation mode (MGDA-UB);
+    - ``needs_losses_after_step``: the method must be told the losses after the optimizer step
+      through ``after_step`` (FAMO).
+
+    Gramian and loss-weighting methods implement ``_compute(M, context)``; block-Gramian methods
+    ``block_weights``; Jacobian methods ``combine_jacobian``.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     paper: ClassVar[str]
     family: ClassVar[str]
-    needs_gramian: ClassVar[bool] = True
     stateful: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False
+    needs_losses_after_step: ClassVar[bool] = False
+
+    @property
+    def kind(self) -> str:
+        """What the engine computes for this method: one of ``KINDS``."""
+        return "gramian"
+
+    @property
+    def gradient_scope(self) -> str:
+        """For loss weighting: the Gramian it needs, "none", "last_layer" or "shared"."""
+        return "shared"
 
     @property
     def needs_losses(self) -> bool:
-        """Whether ``weights`` requires the ``losses`` context."""
+        """Whether the method requires the ``losses`` context."""
         return False
 
     # ----------------------------------------------------------------------------- public API
@@ -84,7 +109,7 @@ class Method(ABC):
         device = gramian.device if isinstance(gramian, Tensor) else torch.device("cpu")
         M = None if gramian is None else as_gramian_array(gramian)
         ctx = self._context(M, losses, context)
-        if M is None and self.needs_gramian:
+        if M is None and (self.kind != "losses" or self.gradient_scope != "none"):
             raise ShapeError(f"{self.name} needs the Gramian of the task gradients")
         c, diagnostics = self._compute(M, ctx)
         c = np.asarray(c, dtype=np.float64)
@@ -94,18 +119,48 @@ class Method(ABC):
             raise NonFiniteError(f"{self.name} produced non-finite weights {c.tolist()}")
         return torch.from_numpy(c).to(device), diagnostics
 
-    def aggregate(self, jacobian: Tensor, *, losses: Any = None, **context: Any) -> Tensor:
-        """The update J^T c for a T x d Jacobian, accumulated in float64, in J's dtype.
+    def aggregate(
+        self, jacobian: Tensor, *, losses: Any = None, block_sizes: Sequence[int] | None = None
+    ) -> Tensor:
+        """The update (d,) for a T x d Jacobian, in J's dtype (see ``update.compute_update``).
 
-        An update below the rounding floor of forming it (``gramian.rounding_floor``) is
-        returned as exact zeros.
+        ``block_sizes`` splits the columns of J into parameter blocks, for methods that work per
+        block (GradVac per parameter, DB-MTL); by default J is one block.
         """
-        M = gramian(jacobian)
-        c = self.weights(M, losses=losses, **context)
-        update = combine(jacobian, c)
-        if vector_norm([update]) <= rounding_floor(M, c):
-            update.zero_()
-        return update
+        from ..update import compute_update, split_columns
+
+        blocks, names = split_columns(jacobian, block_sizes)
+        update = compute_update(self, blocks, names, names, losses=losses)
+        return torch.cat(update.blocks)
+
+    def head_coefficients(self, weights: np.ndarray | None, losses: np.ndarray) -> np.ndarray:
+        """Weights of the losses in the gradient of the task-specific parameters (the heads).
+
+        Gradient methods: ones (each head gets its ordinary gradient); loss weighting: c.
+        """
+        if self.kind == "losses" and weights is not None:
+            return np.asarray(weights, dtype=np.float64)
+        return np.ones(len(losses))
+
+    def block_weights(
+        self, gramians: np.ndarray, *, losses: Any = None
+    ) -> tuple[np.ndarray, Diagnostics]:
+        """Block-Gramian methods: weights (K, T) from the K group Gramians (K, T, T)."""
+        raise NotImplementedError(f"{self.name} is not a block-Gramian method")
+
+    def group_blocks(self, groups: Sequence[str]) -> list[int]:
+        """Block-Gramian methods: a group index per parameter block, from the blocks' layer keys."""
+        return [0] * len(groups)
+
+    def combine_jacobian(
+        self, blocks: Sequence[Tensor], *, losses: np.ndarray | None,
+        features: Sequence[Tensor] | None = None,
+    ) -> tuple[list[Tensor], Diagnostics]:
+        """Jacobian methods: the update of each block (T x d_k -> d_k)."""
+        raise NotImplementedError(f"{self.name} is not a Jacobian method")
+
+    def after_step(self, losses: Any) -> None:  # noqa: B027 - only FAMO needs it
+        """Tell the method the losses after the optimizer step (FAMO); others ignore it."""
 
     def gradient_combinations(self, num_tasks: int) -> np.ndarray | None:
         """Rows of losses to differentiate instead of the T tasks (None: the tasks themselves)."""
@@ -132,9 +187,9 @@ class Method(ABC):
         return f"{type(self).__name__}({args})"
 
     # -------------------------------------------------------------------------- for subclasses
-    @abstractmethod
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         """Weights (T,) and diagnostics from a validated float64 Gramian."""
+        raise NotImplementedError(f"{self.name} does not compute weights from one Gramian")
 
     def _context(self, M: np.ndarray | None, losses: Any, extra: dict[str, Any]) -> Context:
         combinations = extra.pop("combinations", None)
@@ -172,6 +227,20 @@ class Method(ABC):
         elif self.needs_losses:
             raise InvalidOptionError(f"{self!r} needs the losses: pass losses=[L_1, ..., L_T]")
         return Context(num_tasks=num_tasks, losses=values, combinations=combinations)
+
+
+class LossWeighting(Method):
+    """Base of the methods whose weights need no gradients: one ordinary backward pass."""
+
+    family: ClassVar[str] = "loss weighting"
+
+    @property
+    def kind(self) -> str:
+        return "losses"
+
+    @property
+    def gradient_scope(self) -> str:
+        return "none"
 
 
 def _as_tensors(diagnostics: Diagnostics) -> Diagnostics:
