@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.optimize import brentq
+from scipy.optimize import brentq, nnls
 
 from .linalg import normalized
 
@@ -234,3 +234,108 @@ def _vertex_optimum(M: np.ndarray, b: np.ndarray, radius: float) -> np.ndarray |
     w = np.zeros(M.shape[0])
     w[best] = 1.0
     return w
+
+
+def dual_cone_weights(gramian: np.ndarray, targets: np.ndarray, reg_eps: float = 0.0) -> np.ndarray:
+    """For each row u of ``targets``, v*(u) = argmin over v >= u of v^T M v (rows of the result).
+
+    J^T v*(u) is the projection of J^T u onto the dual cone {x : J x >= 0} (UPGrad, DualProj;
+    METHODS.md Section 15). The problem is covariant under rescaling each task: with N = diag(s),
+    v*(u) for M is N^-1 y*(N u) for N^-1 M N^-1. With reg_eps = 0 it is solved on the cosine
+    matrix (s = gradient norms), which stays accurate when norms differ by orders of magnitude
+    (on M / tr(M) a norm 1e-3 of the largest puts eigenvalues at 1e-12, where the eigensolver's
+    error is 2e-4 relative, measured as conflicts of 6e-5). With reg_eps > 0 it is TorchJD's
+    problem, M / tr(M) + reg_eps I.
+
+    With a factor G = L L^T, each problem is the non-negative least squares
+    min over z >= 0 of ||L^T z + L^T y0||^2 with y = y0 + z, solved exactly by Lawson-Hanson
+    (``scipy.optimize.nnls``). L comes from an eigendecomposition, so a singular G is fine, and
+    then G y >= 0 holds exactly: no conflict.
+    """
+    targets = np.array(np.atleast_2d(targets), dtype=np.float64)
+    diagonal = np.diag(gramian)
+    trace = float(diagonal.sum())
+    # A zero gradient touches no dot product: its coefficient stays u_k. Keeping it in the QP
+    # would hand NNLS a factor column of pure rounding noise to lean on (seen: 1e14 weights).
+    live = np.flatnonzero(diagonal > 0)
+    if trace <= 0.0 or live.size == 0:
+        return targets
+    scale = np.sqrt(diagonal[live]) if reg_eps == 0.0 else np.full(live.size, math.sqrt(trace))
+    G = gramian[np.ix_(live, live)] / np.outer(scale, scale) + reg_eps * np.eye(live.size)
+    values, vectors = np.linalg.eigh(G)
+    keep = values > 1e-14 * max(float(values[-1]), 0.0)
+    factor_t = (vectors[:, keep] * np.sqrt(values[keep])).T  # L^T with G = L L^T, r x live
+    solutions = targets.copy()
+    for row, u in enumerate(targets):
+        start = scale * u[live]
+        z, _ = nnls(factor_t, -(factor_t @ start), maxiter=50 * gramian.shape[0])
+        solutions[row, live] = (start + z) / scale
+    return solutions
+
+
+# Nash-MTL weights beyond this (on a Gramian scaled to unit largest diagonal) have diverged.
+_DIVERGED = 1e10
+
+
+def nash_bargaining_weights(
+    gramian: np.ndarray, start: np.ndarray | None = None, *, tol: float = 1e-12,
+    max_iterations: int = 100,
+) -> tuple[np.ndarray, bool]:
+    """alpha > 0 with alpha_i (M alpha)_i = 1 for every task with a nonzero gradient.
+
+    Nash-MTL's bargaining solution (METHODS.md Section 13). It minimizes the convex
+    f(alpha) = alpha^T M alpha / 2 - sum_i log alpha_i, whose gradient is M alpha - 1/alpha:
+    damped Newton steps (Hessian M + diag(1 / alpha^2)) with backtracking that keeps alpha > 0.
+    Tasks with zero gradient get alpha_i = 0. Returns (alpha, converged); it does not converge
+    when the hull of the gradients contains 0 (Pareto-stationary: alpha diverges along a null
+    vector of M), and then stops after ``max_iterations`` with the last iterate.
+    """
+    T = gramian.shape[0]
+    alpha = np.zeros(T)
+    live = np.flatnonzero(np.diag(gramian) > 0)
+    if live.size == 0:
+        return alpha, True
+    M, scale = normalized(gramian[np.ix_(live, live)])
+    x = 1.0 / np.sqrt(np.diag(M))
+    if start is not None and np.isfinite(start[live]).all() and (start[live] > 0).all():
+        x = start[live]
+    # The best point on the ray through x: f(t x) is minimal at t = sqrt(T / x^T M x). This puts
+    # a warm start from a step with gradients of another scale at the right scale.
+    curvature = float(x @ M @ x)
+    if curvature > 0:
+        x = x * math.sqrt(live.size / curvature)
+
+    def objective(y: np.ndarray) -> float:
+        return 0.5 * float(y @ M @ y) - float(np.log(y).sum())
+
+    def residual_of(y: np.ndarray) -> float:
+        return float(np.max(np.abs(y * (M @ y) - 1.0)))
+
+    converged = False
+    value, residual = objective(x), residual_of(x)
+    for _ in range(max_iterations):
+        if residual <= tol:
+            converged = True
+            break
+        if float(np.max(x)) > _DIVERGED:
+            break  # alpha runs off along a null vector of M: Pareto-stationary
+        gradient = M @ x - 1.0 / x
+        try:
+            step = np.linalg.solve(M + np.diag(1.0 / (x * x)), gradient)
+        except np.linalg.LinAlgError:
+            break
+        decrement = float(gradient @ step)
+        t = 1.0
+        while True:
+            candidate = x - t * step
+            if (candidate > 0).all():
+                new_value, new_residual = objective(candidate), residual_of(candidate)
+                # Armijo on f far from the optimum; near it f stops resolving progress (its
+                # changes fall below rounding), and the optimality residual takes over.
+                if (new_value <= value - 0.25 * t * decrement or new_residual < residual
+                        or t < 1e-12):
+                    break
+            t *= 0.5
+        x, value, residual = candidate, new_value, new_residual
+    alpha[live] = x / math.sqrt(scale)
+    return alpha, converged

@@ -106,6 +106,11 @@ class Method(ABC):
     def _run(
         self, gramian: Any, losses: Any, context: dict[str, Any]
     ) -> tuple[Tensor, Diagnostics]:
+        if self.kind == "jacobian":
+            raise InvalidOptionError(
+                f"{self.name} needs the task gradients themselves, not a Gramian: use "
+                "deconflict.aggregate(J, method) or deconflict.backward"
+            )
         device = gramian.device if isinstance(gramian, Tensor) else torch.device("cpu")
         M = None if gramian is None else as_gramian_array(gramian)
         ctx = self._context(M, losses, context)

@@ -1,0 +1,92 @@
+"""A learnable vector with its own Adam optimizer, for the methods that learn task weights
+(UW, IMTL-L, FAMO, GradNorm). Its gradient is computed in closed form by the method, so no
+autograd graph is involved; the state (values and Adam moments) checkpoints exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ShapeError
+
+
+class TaskParameters:
+    """T float64 values on the CPU, stepped by Adam with the given gradient."""
+
+    def __init__(self, initial: np.ndarray, lr: float, weight_decay: float = 0.0) -> None:
+        self.tensor = torch.tensor(initial, dtype=torch.float64, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.tensor], lr=lr, weight_decay=weight_decay)
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.tensor.detach().numpy().copy()
+
+    def step(self, gradient: np.ndarray) -> None:
+        """One Adam descent step with this gradient."""
+        self.tensor.grad = torch.from_numpy(np.asarray(gradient, dtype=np.float64).copy())
+        self.optimizer.step()
+        self.tensor.grad = None
+
+    def assign(self, values: np.ndarray) -> None:
+        """Overwrite the values (e.g. GradNorm's renormalization), keeping the Adam moments."""
+        with torch.no_grad():
+            self.tensor.copy_(torch.from_numpy(np.asarray(values, dtype=np.float64)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": self.tensor.detach().clone(), "optimizer": self.optimizer.state_dict()}
+
+    @classmethod
+    def restore(cls, state: dict[str, Any], lr: float, weight_decay: float = 0.0
+                ) -> TaskParameters:
+        restored = cls(state["values"].numpy(), lr, weight_decay)
+        restored.optimizer.load_state_dict(state["optimizer"])
+        return restored
+
+    def check_tasks(self, method: str, T: int) -> None:
+        if self.tensor.numel() != T:
+            raise ShapeError(f"this {method} has seen {self.tensor.numel()} tasks and now gets "
+                             f"{T}; call reset() to start over")
+
+
+class LearnedWeighting:
+    """Mixin for loss weighting with a learnable vector s (UW, IMTL-L).
+
+    Subclasses give ``_weights_from(s)`` and the closed-form ``_gradient(s, losses)`` of their
+    objective with respect to s. Each call returns the weights at the current s, then takes one
+    Adam step on s.
+    """
+
+    name: str
+
+    def _init_learning(self, lr: float, init: float) -> None:
+        self.lr = lr
+        self.init = init
+        self.parameters: TaskParameters | None = None
+
+    def _weights_from(self, s: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _gradient(self, s: np.ndarray, losses: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _learned_step(self, losses: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        T = losses.size
+        if self.parameters is None:
+            self.parameters = TaskParameters(np.full(T, self.init), self.lr)
+        self.parameters.check_tasks(self.name, T)
+        s = self.parameters.values
+        weights = self._weights_from(s)
+        self.parameters.step(self._gradient(s, losses))
+        return weights, {"s": s}
+
+    def reset(self) -> None:
+        self.parameters = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.parameters is None else {"parameters": self.parameters.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.parameters = (TaskParameters.restore(state["parameters"], self.lr)
+                           if state.get("parameters") is not None else None)

@@ -1,0 +1,106 @@
+"""GradNorm: gradient normalization (Chen et al., ICML 2018; METHODS.md Section 9).
+
+Learn loss weights w (initialized at 1, renormalized to sum T) so that the weighted gradient
+norms G_i = w_i nu_i, with nu_i = ||grad_W L_i|| on the last shared layer W, train at rates that
+follow the tasks' relative progress:
+
+    Ltilde_i = L_i(t) / L_i(0),  r_i = Ltilde_i / mean(Ltilde),  target_i = mean(G) r_i^alpha,
+    L_grad = sum_i |G_i - target_i|   (target held constant),
+
+so dL_grad / dw_i = sign(G_i - target_i) nu_i. Each step uses w(t) for the model (one backward
+pass of sum_i w_i L_i), then takes one step of its own Adam optimizer on w and renormalizes
+w <- T w / sum(w). The norms nu come from the Gramian of the last shared layer's per-task
+gradients (its diagonal), which the engine computes with T cheap backward passes that stop at
+that layer.
+
+Options: ``alpha`` = 1.5 (asymmetry; LibMTL's default, the paper's NYUv2 value), ``lr`` = 0.025
+(the weights' Adam learning rate), ``norms_on`` "last_layer" (paper; the last module of the
+shared parameters, or the last tensor if they are not named) or "shared" (LibMTL: all shared
+parameters, T full backward passes). L(0) is the loss of the first step (LibMTL uses the first
+epoch's average). Weights are kept above 1e-6 before renormalization.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+from ..errors import ShapeError
+from ..linalg import to_numpy
+from ._task_parameters import TaskParameters
+from .base import Context, Diagnostics, LossWeighting, bounded_option, choice_option
+from .registry import register
+
+_FLOOR = 1e-6
+
+
+@register
+class GradNorm(LossWeighting):
+    """GradNorm (ICML 2018); see the module docstring. Needs ``losses``.
+
+    Diagnostics: ``gradient_norms`` (nu), ``targets``, ``weighted_norms`` (G).
+    """
+
+    name = "gradnorm"
+    summary = "Learned loss weights that equalize the tasks' gradient norms and training rates"
+    paper = ("Chen et al., GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep "
+             "Multitask Networks, ICML 2018")
+    stateful = True
+
+    def __init__(
+        self, alpha: float = 1.5, lr: float = 0.025,
+        norms_on: Literal["last_layer", "shared"] = "last_layer",
+    ) -> None:
+        self.alpha = bounded_option(self.name, "alpha", alpha, 0.0)
+        self.lr = bounded_option(self.name, "lr", lr, 0.0)
+        self.norms_on = choice_option(self.name, "norms_on", norms_on, ("last_layer", "shared"))
+        self.reset()
+
+    @property
+    def gradient_scope(self) -> str:
+        return self.norms_on
+
+    @property
+    def needs_losses(self) -> bool:
+        return True
+
+    def options(self) -> dict[str, object]:
+        return {"alpha": self.alpha, "lr": self.lr, "norms_on": self.norms_on}
+
+    def reset(self) -> None:
+        self.weights_: TaskParameters | None = None
+        self.initial_losses: np.ndarray | None = None
+
+    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
+        losses = context.losses
+        assert M is not None and losses is not None
+        T = losses.size
+        if self.weights_ is None:
+            self.weights_ = TaskParameters(np.ones(T), self.lr)
+            self.initial_losses = np.where(np.abs(losses) > 0, losses, 1.0)
+        self.weights_.check_tasks(self.name, T)
+        if M.shape != (T, T):
+            raise ShapeError(f"{self.name}: a Gramian of {M.shape[0]} tasks for {T} losses")
+        w = self.weights_.values
+        norms = np.sqrt(np.maximum(np.diag(M), 0.0))
+        G = w * norms
+        relative = losses / self.initial_losses
+        rate = relative / relative.mean() if relative.mean() != 0 else np.ones(T)
+        targets = G.mean() * np.sign(rate) * np.abs(rate) ** self.alpha
+        self.weights_.step(np.sign(G - targets) * norms)
+        updated = np.maximum(self.weights_.values, _FLOOR)
+        self.weights_.assign(T * updated / updated.sum())
+        return w, {"gradient_norms": norms, "targets": targets, "weighted_norms": G}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.weights_ is None:
+            return {}
+        return {"weights": self.weights_.state_dict(), "initial_losses": self.initial_losses}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            self.reset()
+            return
+        self.weights_ = TaskParameters.restore(state["weights"], self.lr)
+        self.initial_losses = to_numpy(state["initial_losses"])

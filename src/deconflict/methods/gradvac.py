@@ -1,0 +1,170 @@
+"""GradVac: gradient vaccine (Wang et al., ICLR 2021; METHODS.md Section 4).
+
+For each task i and each other task j in random order (as PCGrad), with phi the cosine between
+the current modified gradient g'_i and the original g_j and phihat_ij an exponential moving
+average of that cosine: if phi < phihat_ij, add a g_j to g'_i with
+
+    a = ||g'_i|| (phihat sqrt(1 - phi^2) - phi sqrt(1 - phihat^2)) / (||g_j|| sqrt(1 - phihat^2)),
+
+after which cos(g'_i, g_j) = phihat exactly; then phihat_ij <- (1 - beta) phihat_ij + beta phi.
+D = sum_i g'_i. With phihat fixed at 0 every step is PCGrad's projection.
+
+Gramian form: g'_i = J^T c^(i), ||g'_i||^2 = c^T M c, g'_i . g_j = (M c)_j; a correction is
+c^(i)_j += a. Per-layer GradVac (the paper's recommendation) runs the same on each group's
+Gramian M^(k) and updates group k with its own weights: the "block_gramians" kind.
+
+Options: ``beta`` = 0.5 (LibMTL, SamsungLabs and TorchJD; the paper reportedly uses ~1e-2);
+``granularity`` "whole" (default, LibMTL's 0), "layer" (each module with parameters: LibMTL's 1)
+or "parameter" (each tensor: LibMTL's 2); ``ema`` "every_pair" (LibMTL, TorchJD: every pair's
+target moves every step) or "on_correction" (SamsungLabs: only when a correction is applied, so
+targets starting at 0 can only drift down); ``seed`` as PCGrad.
+
+Edge cases: pairs with a zero gradient are skipped (cosine undefined); a target of exactly +-1
+admits no correction (division by sqrt(1 - phihat^2) = 0) and is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..errors import ShapeError
+from ..linalg import to_numpy
+from .base import (
+    Context,
+    Diagnostics,
+    Method,
+    SeededRandomness,
+    bounded_option,
+    choice_option,
+)
+from .registry import register
+
+
+def vaccinate(
+    M: np.ndarray, targets: np.ndarray, orders: list[np.ndarray], beta: float, ema: str
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One GradVac step on one Gramian: (weights c, new targets, number of corrections)."""
+    T = M.shape[0]
+    C = np.eye(T)
+    targets = targets.copy()
+    norms = np.sqrt(np.maximum(np.diag(M), 0.0))
+    corrections = 0
+    for i in range(T):
+        row = C[i]
+        dots = M @ row  # g'_i . g_j for every j
+        for j in orders[i]:
+            norm_i = math.sqrt(max(float(row @ dots), 0.0))
+            if norm_i == 0.0 or norms[j] == 0.0:
+                continue
+            cosine = float(dots[j]) / (norm_i * norms[j])
+            target = float(targets[i, j])
+            corrected = False
+            if cosine < target:
+                sin_target = math.sqrt(max(1.0 - target * target, 0.0))
+                if sin_target > 0.0:
+                    sin_now = math.sqrt(max(1.0 - cosine * cosine, 0.0))
+                    a = norm_i * (target * sin_now - cosine * sin_target) / (norms[j] * sin_target)
+                    row[j] += a
+                    dots += a * M[j]
+                    corrected = True
+                    corrections += 1
+            if ema == "every_pair" or corrected:
+                targets[i, j] = (1.0 - beta) * target + beta * cosine
+    return C.sum(axis=0), targets, corrections
+
+
+@register
+class GradVac(SeededRandomness, Method):
+    """GradVac (ICLR 2021); see the module docstring.
+
+    Diagnostics: ``corrections`` (count), ``targets`` (phihat after the step; per group for the
+    block granularities).
+    """
+
+    name = "gradvac"
+    summary = "Steer each pair's gradient cosine toward a moving-average target (PCGrad-like)"
+    paper = ("Wang et al., Gradient Vaccine: Investigating and Improving Multi-task Optimization "
+             "in Massively Multilingual Models, ICLR 2021")
+    family = "projection"
+    stateful = True
+
+    def __init__(
+        self, beta: float = 0.5, granularity: Literal["whole", "layer", "parameter"] = "whole",
+        ema: Literal["every_pair", "on_correction"] = "every_pair", seed: int | None = None,
+    ) -> None:
+        self.beta = bounded_option(self.name, "beta", beta, 0.0, 1.0)
+        self.granularity = choice_option(self.name, "granularity", granularity,
+                                         ("whole", "layer", "parameter"))
+        self.ema = choice_option(self.name, "ema", ema, ("every_pair", "on_correction"))
+        self._init_generator(seed)
+        self.targets: np.ndarray | None = None  # (groups, T, T)
+
+    @property
+    def kind(self) -> str:
+        return "gramian" if self.granularity == "whole" else "block_gramians"
+
+    def options(self) -> dict[str, object]:
+        return {"beta": self.beta, "granularity": self.granularity, "ema": self.ema,
+                "seed": self.seed}
+
+    def group_blocks(self, groups: Sequence[str]) -> list[int]:
+        if self.granularity == "parameter":
+            return list(range(len(groups)))
+        order: dict[str, int] = {}
+        return [order.setdefault(key, len(order)) for key in groups]
+
+    def _orders(self, T: int) -> list[np.ndarray]:
+        orders = []
+        for i in range(T):
+            others = np.array([j for j in range(T) if j != i], dtype=int)
+            orders.append(others[self._randperm(T - 1)])
+        return orders
+
+    def _targets(self, groups: int, T: int) -> np.ndarray:
+        if self.targets is None:
+            self.targets = np.zeros((groups, T, T))
+        if self.targets.shape != (groups, T, T):
+            raise ShapeError(
+                f"this gradvac has targets for {self.targets.shape[0]} group(s) of "
+                f"{self.targets.shape[1]} tasks and now gets {groups} of {T}; call reset()"
+            )
+        return self.targets
+
+    def block_weights(
+        self, gramians: np.ndarray, *, losses: Any = None
+    ) -> tuple[np.ndarray, Diagnostics]:
+        K, T, _ = gramians.shape
+        targets = self._targets(K, T)
+        weights = np.zeros((K, T))
+        corrections = 0
+        for k in range(K):
+            weights[k], targets[k], count = vaccinate(gramians[k], targets[k], self._orders(T),
+                                                      self.beta, self.ema)
+            corrections += count
+        return weights, {"corrections": corrections, "targets": targets.copy()}
+
+    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
+        assert M is not None
+        weights, diagnostics = self.block_weights(M[None], losses=context.losses)
+        diagnostics["targets"] = diagnostics["targets"][0]
+        return weights[0], diagnostics
+
+    def reset(self) -> None:
+        super().reset()
+        self.targets = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["targets"] = None if self.targets is None else torch.from_numpy(self.targets.copy())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        targets = state.pop("targets", None)
+        super().load_state_dict(state)
+        self.targets = None if targets is None else to_numpy(targets)

@@ -1,0 +1,48 @@
+"""IMTL-L: the loss part of impartial multi-task learning (Liu et al., ICLR 2021; METHODS.md
+Section 7).
+
+Each loss L_t is replaced by exp(s_t) L_t - s_t with a learnable scale s_t (initialized at 0),
+whose optimum makes exp(s_t) L_t = 1: every scaled loss is driven to the same value. The model's
+gradient is that of sum_t c_t L_t with c_t = exp(s_t); s takes an Adam step with the closed-form
+gradient exp(s_t) L_t - 1. (LibMTL's ``IMTL`` always combines this with IMTL-G on the gradients of
+the scaled losses; here it is the loss part alone.) Options: ``lr`` = 0.025, ``init`` = 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._task_parameters import LearnedWeighting
+from .base import Context, Diagnostics, LossWeighting, bounded_option, finite_option
+from .registry import register
+
+
+@register
+class IMTLL(LearnedWeighting, LossWeighting):
+    """IMTL-L; see the module docstring. Needs ``losses``. Diagnostics: ``s`` (before update)."""
+
+    name = "imtl_l"
+    summary = "Learned loss scales exp(s_t) that drive every scaled loss to the same value"
+    paper = "Liu et al., Towards Impartial Multi-task Learning, ICLR 2021"
+    stateful = True
+
+    def __init__(self, lr: float = 0.025, init: float = 0.0) -> None:
+        self._init_learning(bounded_option(self.name, "lr", lr, 0.0),
+                            finite_option(self.name, "init", init))
+
+    @property
+    def needs_losses(self) -> bool:
+        return True
+
+    def options(self) -> dict[str, object]:
+        return {"lr": self.lr, "init": self.init}
+
+    def _weights_from(self, s: np.ndarray) -> np.ndarray:
+        return np.exp(s)
+
+    def _gradient(self, s: np.ndarray, losses: np.ndarray) -> np.ndarray:
+        return np.exp(s) * losses - 1.0
+
+    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
+        assert context.losses is not None
+        return self._learned_step(context.losses)

@@ -1,0 +1,76 @@
+"""UPGrad: unconflicting projection of gradients (Quinton & Rey, "Jacobian Descent for
+Multi-Objective Optimization", 2024; TorchJD; METHODS.md Section 15).
+
+D = sum_i p_i pi_J(g_i), where pi_J(x) = argmin over {y : J y >= 0} of ||y - x||^2 projects onto
+the dual cone of the rows of J and p is a preference vector (default 1/T). Gramian form:
+pi_J(J^T u) = J^T v*(u) with v*(u) = argmin over v >= u of v^T M v, so the weights are
+c = sum_i v*(p_i e_i). Each v* is a non-negative least squares problem solved exactly
+(``solvers.dual_cone_weights``); no quadprog needed.
+
+Property: J D = M c >= 0, every task improves to first order (KKT of each projection:
+M v* >= 0). D = 0 only if every projection is 0.
+
+Deviation (documented): TorchJD regularizes with M / tr(M) + 1e-4 I, which leaves conflicts of
+order 1e-4 relative; here ``reg_eps`` defaults to 0 and the exact problem is solved, since the
+solver handles a singular M. Pass ``reg_eps=1e-4`` to reproduce TorchJD. TorchJD also replaces
+M by 0 when tr(M) < 1e-4 (an absolute threshold); here only tr(M) = 0 does, keeping D(sJ) = sD(J).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import ShapeError
+from ..linalg import to_numpy
+from ..solvers import dual_cone_weights
+from .base import Context, Diagnostics, Method, bounded_option
+from .registry import register
+
+
+def preference_weights(method: str, pref_vector: Sequence[float] | None, T: int) -> np.ndarray:
+    """The preference vector (default uniform 1/T), validated against T."""
+    if pref_vector is None:
+        return np.full(T, 1.0 / T)
+    pref = to_numpy(pref_vector).reshape(-1)
+    if pref.shape != (T,):
+        raise ShapeError(f"{method}: pref_vector has {pref.size} entries for {T} tasks")
+    return pref
+
+
+def check_preference(method: str, pref_vector: Sequence[float] | None) -> tuple | None:
+    """A non-negative, finite preference vector as a tuple (None stays None)."""
+    if pref_vector is None:
+        return None
+    pref = to_numpy(pref_vector).reshape(-1)
+    for k, value in enumerate(pref):
+        bounded_option(method, f"pref_vector[{k}]", value, 0.0)
+    return tuple(float(v) for v in pref)
+
+
+@register
+class UPGrad(Method):
+    """UPGrad (Jacobian Descent, TorchJD); see the module docstring.
+
+    Options: ``pref_vector`` (default 1/T each), ``reg_eps`` (default 0, TorchJD 1e-4).
+    Diagnostics: ``projections`` (row i: v*(p_i e_i), so g_i projected is J^T row).
+    """
+
+    name = "upgrad"
+    summary = "Sum of each task gradient projected onto the dual cone of all gradients"
+    paper = "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, 2024"
+    family = "projection"
+
+    def __init__(self, pref_vector: Sequence[float] | None = None, reg_eps: float = 0.0) -> None:
+        self.pref_vector = check_preference(self.name, pref_vector)
+        self.reg_eps = bounded_option(self.name, "reg_eps", reg_eps, 0.0)
+
+    def options(self) -> dict[str, object]:
+        return {"pref_vector": self.pref_vector, "reg_eps": self.reg_eps}
+
+    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
+        assert M is not None
+        pref = preference_weights(self.name, self.pref_vector, M.shape[0])
+        projections = dual_cone_weights(M, np.diag(pref), self.reg_eps)
+        return projections.sum(axis=0), {"projections": projections}

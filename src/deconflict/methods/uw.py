@@ -1,0 +1,54 @@
+"""Uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018; METHODS.md Section 10).
+
+Loss sum_i 0.5 exp(-s_i) L_i + 0.5 s_i with learnable s_i = log sigma_i^2 (the paper's
+regression form). The model's gradient is that of sum_i c_i L_i with c_i = 0.5 exp(-s_i); s
+takes an Adam step with the closed-form gradient 0.5 - 0.5 exp(-s_i) L_i, whose zero is
+exp(s_i) = L_i (so c_i tends to 1 / (2 L_i), a log-loss-like balancing). The weights of a step
+use s before its update.
+
+Options: ``lr`` = 0.025 (the separate learning rate of nash-mtl and the FAMO repository; LibMTL
+trains s with the model's optimizer), ``init`` = 0 (nash-mtl, FAMO, CAGrad repos; LibMTL -0.5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._task_parameters import LearnedWeighting
+from .base import Context, Diagnostics, LossWeighting, bounded_option, finite_option
+from .registry import register
+
+
+@register
+class UncertaintyWeighting(LearnedWeighting, LossWeighting):
+    """Uncertainty weighting; see the module docstring. Needs ``losses``.
+
+    Diagnostics: ``s`` (log variances before this step's update).
+    """
+
+    name = "uw"
+    summary = "Learned homoscedastic-uncertainty weights 0.5 exp(-s_i), s_i = log sigma_i^2"
+    paper = ("Kendall, Gal & Cipolla, Multi-Task Learning Using Uncertainty to Weigh Losses, "
+             "CVPR 2018")
+    stateful = True
+
+    def __init__(self, lr: float = 0.025, init: float = 0.0) -> None:
+        self._init_learning(bounded_option(self.name, "lr", lr, 0.0),
+                            finite_option(self.name, "init", init))
+
+    @property
+    def needs_losses(self) -> bool:
+        return True
+
+    def options(self) -> dict[str, object]:
+        return {"lr": self.lr, "init": self.init}
+
+    def _weights_from(self, s: np.ndarray) -> np.ndarray:
+        return 0.5 * np.exp(-s)
+
+    def _gradient(self, s: np.ndarray, losses: np.ndarray) -> np.ndarray:
+        return 0.5 - 0.5 * np.exp(-s) * losses
+
+    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
+        assert context.losses is not None
+        return self._learned_step(context.losses)
