@@ -15,7 +15,18 @@ def test_methods_lists_every_registered_method(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     for name in deconflict.available():
-        assert name in out
+        assert f"\n{name} " in out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:] if line and line[0] != " "}
+    assert "Gramian" in lines["gradops"] and "losses only" in lines["uw"]
+    assert "last-layer Gramian" in lines["gradnorm"]
+    assert "task gradients" in lines["graddrop"] and " yes " in lines["famo"]
+    assert "Zhu et al." in out
+
+
+def test_methods_markdown_table(capsys):
+    assert main(["methods", "--markdown"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(deconflict.available())
 
 
 def test_short_demo_writes_plot_table_and_json(tmp_path, capsys):

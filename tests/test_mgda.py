@@ -69,3 +69,20 @@ def test_loss_normalizer_needs_positive_losses():
 def test_unknown_normalizer_is_rejected():
     with pytest.raises(deconflict.InvalidOptionError, match="normalizer"):
         deconflict.MGDA(normalizer="norm")
+
+
+def test_mgda_ub_golden_loss_plus_normalizer():
+    """MGDA-UB's default normalizer "loss+": nu_i = L_i ||g_i||. g1 = (2, 0), g2 = (0, 1) with
+    losses (1, 2): nu = (2, 2), the normalized gradients are (1, 0) and (0, 1/2), whose min-norm
+    point has alpha = (1/5, 4/5) (segment formula: (1/4 - 0)/(1 + 1/4)); the update applies alpha
+    to the normalized gradients: D = (1/5)(1, 0) + (4/5)(0, 1/2) = (1/5, 2/5)."""
+    J = np.array([[2.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(update(deconflict.MGDAUB(), J, losses=[1.0, 2.0]), [0.2, 0.4],
+                               rtol=1e-15)
+
+
+def test_sum_and_mean_golden():
+    """g1 = (1, 0), g2 = (-1, 1): sum (0, 1), mean (0, 1/2)."""
+    J = np.array([[1.0, 0.0], [-1.0, 1.0]])
+    np.testing.assert_array_equal(update(deconflict.Sum(), J), [0.0, 1.0])
+    np.testing.assert_array_equal(update(deconflict.Mean(), J), [0.0, 0.5])

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 from collections.abc import Sequence
 
 from .errors import DeconflictError
 from .methods.registry import available, method_class
 
 INPUTS = {
-    "losses": "losses only (one backward pass)",
-    "gramian": "Gramian only",
-    "block_gramians": "a Gramian per layer",
-    "jacobian": "the task gradients themselves",
+    "losses": "losses only",
+    "gramian": "Gramian",
+    "block_gramians": "Gramian per layer",
+    "jacobian": "task gradients",
 }
 
 
@@ -39,20 +38,45 @@ def _command_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_methods(args: argparse.Namespace) -> int:
+def method_table() -> list[dict[str, str]]:
+    """One row per registered method: name, family, what it needs, state, summary, paper."""
     rows = []
     for name in available():
         cls = method_class(name)
-        traits = [cls.family, f"input: {INPUTS[cls().kind]}"]
-        if cls.stateful:
-            traits.append("stateful")
-        rows.append((name, cls.summary, ", ".join(traits), cls.paper))
-    width = max(len(name) for name, *_ in rows)
-    for name, summary, traits, paper in rows:
-        print(f"{name:<{width}}  {summary}")
-        if args.verbose:
-            pad = " " * (width + 2)
-            print(textwrap.indent(f"[{traits}]\n{paper}", pad))
+        method = cls()
+        seeded = "seed" in method.options()
+        needs = INPUTS[method.kind]
+        if method.kind == "losses" and method.gradient_scope != "none":
+            needs = "last-layer Gramian" if method.gradient_scope == "last_layer" else "Gramian"
+        rows.append({
+            "name": name,
+            "family": cls.family,
+            "input": needs,
+            "state": "yes" if cls.stateful else ("RNG" if seeded else "no"),
+            "summary": cls.summary,
+            "paper": cls.paper,
+        })
+    return rows
+
+
+def _command_methods(args: argparse.Namespace) -> int:
+    rows = method_table()
+    if args.markdown:
+        print("| method | family | needs | stateful | description | paper |")
+        print("|---|---|---|---|---|---|")
+        for row in rows:
+            print(f"| `{row['name']}` | {row['family']} | {row['input']} | {row['state']} | "
+                  f"{row['summary']} | {row['paper']} |")
+        return 0
+    columns = ("name", "family", "input", "state")
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    header = "  ".join(f"{c.upper():<{widths[c]}}" for c in columns) + "  DESCRIPTION"
+    print(header)
+    for row in rows:
+        print("  ".join(f"{row[c]:<{widths[c]}}" for c in columns) + f"  {row['summary']}")
+    print("\nPapers:")
+    for row in rows:
+        print(f"  {row['name']}: {row['paper']}")
     return 0
 
 
@@ -78,9 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(handler=_command_demo)
 
-    methods = commands.add_parser("methods", help="list the available methods")
-    methods.add_argument("-v", "--verbose", action="store_true",
-                         help="also show family, needs and paper")
+    methods = commands.add_parser(
+        "methods", help="list the methods: family, what they need, state, paper",
+        description="Every registered method with its family, what it needs from the engine "
+        "(the losses only: one backward pass; the Gramian of the task gradients; a Gramian per "
+        "layer; the task gradients themselves), whether it keeps state across steps (RNG: only "
+        "when seeded), a one-line description and its paper.",
+    )
+    methods.add_argument("--markdown", action="store_true", help="print a Markdown table")
     methods.set_defaults(handler=_command_methods)
     return parser
 
@@ -93,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeconflictError as error:
         print(f"deconflict: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `deconflict methods | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

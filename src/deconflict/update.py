@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import NonFiniteError, ShapeError
+from .errors import InvalidOptionError, NonFiniteError, ShapeError
 from .gramian import combine_block, gramian_of_blocks, rounding_floor, vector_norm
 from .methods.base import Method
 
@@ -76,6 +76,8 @@ def compute_update(
     if kind == "block_gramians":
         return _block_update(method, blocks, block_gramians, layers, M, losses)
     if kind == "jacobian":
+        if losses is None and method.needs_losses:
+            raise InvalidOptionError(f"{method!r} needs the losses: pass losses=[L_1, ..., L_T]")
         updates, diagnostics = method.combine_jacobian(
             blocks, losses=None if losses is None else np.asarray(losses, dtype=np.float64),
             features=features)

@@ -48,7 +48,10 @@ from .registry import register
 def vaccinate(
     M: np.ndarray, targets: np.ndarray, orders: list[np.ndarray], beta: float, ema: str
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """One GradVac step on one Gramian: (weights c, new targets, number of corrections)."""
+    """One GradVac step on one Gramian: (coefficient rows C, new targets, corrections).
+
+    Row i of C gives g'_i = J^T C[i]; the weights are C.sum(axis=0).
+    """
     T = M.shape[0]
     C = np.eye(T)
     targets = targets.copy()
@@ -75,15 +78,15 @@ def vaccinate(
                     corrections += 1
             if ema == "every_pair" or corrected:
                 targets[i, j] = (1.0 - beta) * target + beta * cosine
-    return C.sum(axis=0), targets, corrections
+    return C, targets, corrections
 
 
 @register
 class GradVac(SeededRandomness, Method):
     """GradVac (ICLR 2021); see the module docstring.
 
-    Diagnostics: ``corrections`` (count), ``targets`` (phihat after the step; per group for the
-    block granularities).
+    Diagnostics: ``corrections`` (count), ``targets`` (phihat after the step) and
+    ``projection_coefficients`` (row i: g'_i = J^T row); per group for the block granularities.
     """
 
     name = "gradvac"
@@ -140,18 +143,20 @@ class GradVac(SeededRandomness, Method):
     ) -> tuple[np.ndarray, Diagnostics]:
         K, T, _ = gramians.shape
         targets = self._targets(K, T)
-        weights = np.zeros((K, T))
+        rows = np.zeros((K, T, T))
         corrections = 0
         for k in range(K):
-            weights[k], targets[k], count = vaccinate(gramians[k], targets[k], self._orders(T),
-                                                      self.beta, self.ema)
+            rows[k], targets[k], count = vaccinate(gramians[k], targets[k], self._orders(T),
+                                                   self.beta, self.ema)
             corrections += count
-        return weights, {"corrections": corrections, "targets": targets.copy()}
+        return rows.sum(axis=1), {"corrections": corrections, "targets": targets.copy(),
+                                  "projection_coefficients": rows}
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         assert M is not None
         weights, diagnostics = self.block_weights(M[None], losses=context.losses)
         diagnostics["targets"] = diagnostics["targets"][0]
+        diagnostics["projection_coefficients"] = diagnostics["projection_coefficients"][0]
         return weights[0], diagnostics
 
     def reset(self) -> None:
