@@ -69,3 +69,12 @@ def test_results_files_follow_the_umask(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_docs_methods_table_is_current(capsys):
+    from pathlib import Path
+
+    assert main(["methods", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip()
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    assert table in docs, "docs/methods.md is stale: paste `deconflict methods --markdown`"
