@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import ShapeError
+from .base import Context, Diagnostics, LossWeighting, bounded_option, finite_option
 
 
 class TaskParameters:
@@ -50,20 +51,27 @@ class TaskParameters:
                              f"{T}; call reset() to start over")
 
 
-class LearnedWeighting:
-    """Mixin for loss weighting with a learnable vector s (UW, IMTL-L).
+class LearnedWeighting(LossWeighting):
+    """Loss weighting with a learnable vector s, stepped by Adam (UW, IMTL-L).
 
     Subclasses give ``_weights_from(s)`` and the closed-form ``_gradient(s, losses)`` of their
     objective with respect to s. Each call returns the weights at the current s, then takes one
-    Adam step on s.
+    Adam step on s. Options: ``lr`` (the Adam learning rate), ``init`` (the initial s).
     """
 
-    name: str
+    stateful = True
 
-    def _init_learning(self, lr: float, init: float) -> None:
-        self.lr = lr
-        self.init = init
+    def __init__(self, lr: float = 0.025, init: float = 0.0) -> None:
+        self.lr = bounded_option(self.name, "lr", lr, 0.0)
+        self.init = finite_option(self.name, "init", init)
         self.parameters: TaskParameters | None = None
+
+    @property
+    def needs_losses(self) -> bool:
+        return True
+
+    def options(self) -> dict[str, object]:
+        return {"lr": self.lr, "init": self.init}
 
     def _weights_from(self, s: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -71,7 +79,9 @@ class LearnedWeighting:
     def _gradient(self, s: np.ndarray, losses: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def _learned_step(self, losses: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
+        losses = context.losses
+        assert losses is not None
         T = losses.size
         if self.parameters is None:
             self.parameters = TaskParameters(np.full(T, self.init), self.lr)

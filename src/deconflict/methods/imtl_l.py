@@ -13,36 +13,19 @@ from __future__ import annotations
 import numpy as np
 
 from ._task_parameters import LearnedWeighting
-from .base import Context, Diagnostics, LossWeighting, bounded_option, finite_option
 from .registry import register
 
 
 @register
-class IMTLL(LearnedWeighting, LossWeighting):
+class IMTLL(LearnedWeighting):
     """IMTL-L; see the module docstring. Needs ``losses``. Diagnostics: ``s`` (before update)."""
 
     name = "imtl_l"
     summary = "Learned loss scales exp(s_t) that drive every scaled loss to the same value"
     paper = "Liu et al., Towards Impartial Multi-task Learning, ICLR 2021"
-    stateful = True
-
-    def __init__(self, lr: float = 0.025, init: float = 0.0) -> None:
-        self._init_learning(bounded_option(self.name, "lr", lr, 0.0),
-                            finite_option(self.name, "init", init))
-
-    @property
-    def needs_losses(self) -> bool:
-        return True
-
-    def options(self) -> dict[str, object]:
-        return {"lr": self.lr, "init": self.init}
 
     def _weights_from(self, s: np.ndarray) -> np.ndarray:
         return np.exp(s)
 
     def _gradient(self, s: np.ndarray, losses: np.ndarray) -> np.ndarray:
         return np.exp(s) * losses - 1.0
-
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        assert context.losses is not None
-        return self._learned_step(context.losses)

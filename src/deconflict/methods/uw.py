@@ -15,12 +15,11 @@ from __future__ import annotations
 import numpy as np
 
 from ._task_parameters import LearnedWeighting
-from .base import Context, Diagnostics, LossWeighting, bounded_option, finite_option
 from .registry import register
 
 
 @register
-class UncertaintyWeighting(LearnedWeighting, LossWeighting):
+class UncertaintyWeighting(LearnedWeighting):
     """Uncertainty weighting; see the module docstring. Needs ``losses``.
 
     Diagnostics: ``s`` (log variances before this step's update).
@@ -30,25 +29,9 @@ class UncertaintyWeighting(LearnedWeighting, LossWeighting):
     summary = "Learned homoscedastic-uncertainty weights 0.5 exp(-s_i), s_i = log sigma_i^2"
     paper = ("Kendall, Gal & Cipolla, Multi-Task Learning Using Uncertainty to Weigh Losses, "
              "CVPR 2018")
-    stateful = True
-
-    def __init__(self, lr: float = 0.025, init: float = 0.0) -> None:
-        self._init_learning(bounded_option(self.name, "lr", lr, 0.0),
-                            finite_option(self.name, "init", init))
-
-    @property
-    def needs_losses(self) -> bool:
-        return True
-
-    def options(self) -> dict[str, object]:
-        return {"lr": self.lr, "init": self.init}
 
     def _weights_from(self, s: np.ndarray) -> np.ndarray:
         return 0.5 * np.exp(-s)
 
     def _gradient(self, s: np.ndarray, losses: np.ndarray) -> np.ndarray:
         return 0.5 - 0.5 * np.exp(-s) * losses
-
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        assert context.losses is not None
-        return self._learned_step(context.losses)
