@@ -39,7 +39,7 @@ def test_unknown_option_lists_the_accepted_ones():
     with pytest.raises(deconflict.InvalidOptionError, match="its options are: c, rescale"):
         deconflict.get("cagrad", alpha=0.4)
     with pytest.raises(deconflict.InvalidOptionError, match="its options are: none"):
-        deconflict.get("sum", weights=[1, 2])
+        deconflict.get("mean", weights=[1, 2])
 
 
 def test_errors_are_value_errors():

@@ -17,6 +17,8 @@ from importlib.metadata import PackageNotFoundError, version
 from .aggregate import aggregate
 from .engine import StepRecord, backward
 from .errors import (
+    DataFormatError,
+    DataNotFoundError,
     DeconflictError,
     DisconnectedLossError,
     InvalidGramianError,
@@ -72,6 +74,8 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "CAGradFast",
+    "DataFormatError",
+    "DataNotFoundError",
     "DeconflictError",
     "DisconnectedLossError",
     "DualProj",

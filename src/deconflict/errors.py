@@ -34,3 +34,11 @@ class UnknownMethodError(DeconflictError, ValueError):
 
 class InvalidOptionError(DeconflictError, ValueError):
     """A method option is out of range or not accepted by the method."""
+
+
+class DataFormatError(DeconflictError, ValueError):
+    """A data file is malformed (the message names the file and, for text files, the line)."""
+
+
+class DataNotFoundError(DeconflictError, FileNotFoundError):
+    """A dataset's files are not where the path or DECONFLICT_DATA points."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -50,6 +51,49 @@ def plot_toy_trajectories(
         axis.set_aspect("equal")
     for axis in list(axes.flat)[count:]:
         axis.set_visible(False)
+    figure.tight_layout()
+    try:
+        return save_figure(figure, path, dpi=110)
+    finally:
+        plt.close(figure)
+
+
+def plot_sweep(result: Any, option: str, path: str | Path, title: str,
+               pair: tuple[int, int] = (0, 1)) -> Path:
+    """Left: each task metric against the swept option. Right (two or more tasks): the values
+    in the plane of two task metrics (oriented to be maximized), the Pareto front drawn."""
+    metrics = result.metrics
+    numeric = all(isinstance(v, (int, float)) for v in result.values)
+    x = np.array(result.values, dtype=float) if numeric else np.arange(len(result.values))
+    panels = 2 if len(metrics) >= 2 else 1
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
+    left = axes[0, 0]
+    for metric in metrics:
+        y = np.array([row[metric.name] for row in result.means])
+        left.plot(x, y, marker="o", label=metric.name)
+    left.set_xlabel(option if numeric else f"{option} (index)")
+    left.set_ylabel("metric (test)")
+    left.legend(fontsize=8)
+    left.set_title(title, fontsize=10)
+    if panels == 2:
+        a, b = (metrics[pair[0]], metrics[pair[1]])
+        sign = [1.0 if m.higher_is_better else -1.0 for m in (a, b)]
+        points = np.array([[sign[0] * row[a.name], sign[1] * row[b.name]]
+                           for row in result.means])
+        right = axes[0, 1]
+        right.scatter(points[:, 0], points[:, 1], c=x, cmap="viridis", zorder=3)
+        for value, (px, py) in zip(result.values, points, strict=True):
+            shown = "/".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+            right.annotate(shown, (px, py), fontsize=7, xytext=(3, 3),
+                           textcoords="offset points")
+        front = sorted(result.front, key=lambda k: points[k, 0])
+        if front:
+            right.plot(points[front, 0], points[front, 1], color="crimson", linewidth=1.5,
+                       label="Pareto front", zorder=2)
+            right.legend(fontsize=8)
+        right.set_xlabel(("" if sign[0] > 0 else "-") + a.name)
+        right.set_ylabel(("" if sign[1] > 0 else "-") + b.name)
+        right.set_title(f"hypervolume (all task metrics) {result.hypervolume:.4g}", fontsize=10)
     figure.tight_layout()
     try:
         return save_figure(figure, path, dpi=110)

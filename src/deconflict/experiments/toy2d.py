@@ -15,8 +15,9 @@ so the task Jacobian at theta is the 2 x 2 matrix of the two loss gradients.
 ``optimize`` runs many trajectories (one method instance each) in one batch: the losses and
 gradients of all trajectories come from the closed form in ``toy_problem`` (tested against
 autograd), each method maps its trajectory's Gramian to weights through the public
-``Method.weights``, and ``torch.optim.Adam`` (elementwise, so trajectories stay independent)
-takes the step.
+``Method.weights`` (methods that need the gradients themselves go through ``aggregate``), and
+``torch.optim.Adam`` (elementwise, so trajectories stay independent) takes the step; FAMO gets
+the losses after the step.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..aggregate import aggregate
 from ..methods.base import Method
 
 LOWER = 5e-6
@@ -108,13 +110,23 @@ def optimize(
     optimizer = torch.optim.Adam([theta], lr=lr)
     recorded = [theta.detach().numpy().copy()]
     done = 0
+    after_step = [m for m in methods if m.needs_losses_after_step]
     for step in range(1, steps + 1):
         losses, J = toy_problem(theta.detach().numpy())
         gramians = J @ np.swapaxes(J, 1, 2)
-        weights = np.stack([method.weights(gramians[b], losses=losses[b]).numpy()
-                            for b, method in enumerate(methods)])
-        theta.grad = torch.from_numpy(np.einsum("bt,btd->bd", weights, J))
+        updates = np.empty((len(methods), 2))
+        for b, method in enumerate(methods):
+            if method.kind == "jacobian":  # needs the gradients themselves
+                updates[b] = aggregate(torch.from_numpy(J[b]), method, losses=losses[b]).numpy()
+            else:
+                updates[b] = method.weights(gramians[b], losses=losses[b]).numpy() @ J[b]
+        theta.grad = torch.from_numpy(updates)
         optimizer.step()
+        if after_step:
+            new_losses = toy_problem(theta.detach().numpy())[0]
+            for b, method in enumerate(methods):
+                if method.needs_losses_after_step:
+                    method.after_step(new_losses[b])
         if step % record_every == 0 or step == steps:
             recorded.append(theta.detach().numpy().copy())
         if progress is not None and (step % 100 == 0 or step == steps):

@@ -2,26 +2,47 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from .base import Context, Diagnostics, LossWeighting
+from ..errors import InvalidOptionError, ShapeError
+from .base import Context, Diagnostics, LossWeighting, finite_option
 from .registry import register
 
 
 @register
 class Sum(LossWeighting):
-    """Sum of the task gradients, D = sum_i g_i: backpropagate sum_i L_i (weights 1).
+    """Sum of the task gradients, D = sum_i w_i g_i: backpropagate sum_i w_i L_i.
 
-    The weights do not depend on the gradients, so the engine does one ordinary backward pass.
+    Option ``weights``: fixed static weights (default all 1), e.g. a grid of them (GradOPS
+    Appendix C.3). The weights do not depend on the gradients, so the engine does one ordinary
+    backward pass.
     """
 
     name = "sum"
-    summary = "Sum of the task losses (uniform weights 1)"
+    summary = "Sum of the task losses (weights 1, or fixed static weights)"
     paper = "Linear scalarization (the standard multi-task baseline)"
     family = "scalarization"
 
+    def __init__(self, weights: Sequence[float] | None = None) -> None:
+        if weights is not None:
+            weights = tuple(finite_option(self.name, f"weights[{k}]", w)
+                            for k, w in enumerate(weights))
+            if any(w < 0 for w in weights):
+                raise InvalidOptionError(f"{self.name}: weights must be non-negative")
+        self.weights_ = weights
+
+    def options(self) -> dict[str, object]:
+        return {} if self.weights_ is None else {"weights": self.weights_}
+
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        return np.ones(context.num_tasks), {}
+        if self.weights_ is None:
+            return np.ones(context.num_tasks), {}
+        if len(self.weights_) != context.num_tasks:
+            raise ShapeError(f"{self.name}: {len(self.weights_)} weights for "
+                             f"{context.num_tasks} tasks")
+        return np.array(self.weights_), {}
 
 
 @register

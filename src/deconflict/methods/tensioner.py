@@ -185,6 +185,7 @@ class Tensioner(Method):
         base: Literal["central", "min_norm"] = "central",
         constraint: Literal["feasible", "reference"] = "feasible",
         min_loss: float = 1e-12,
+        tension: bool = True,
     ) -> None:
         self.alpha = bounded_option(self.name, "alpha", alpha, 0.0, 1.0)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -196,6 +197,7 @@ class Tensioner(Method):
         self.min_loss = bounded_option(self.name, "min_loss", min_loss, 0.0)
         if self.min_loss == 0.0:
             raise InvalidOptionError(f"{self.name}: min_loss must be positive")
+        self.tension = bool(tension)
         self.state: TensionerState | None = None
 
     @property
@@ -204,7 +206,7 @@ class Tensioner(Method):
 
     def options(self) -> dict[str, object]:
         return {"alpha": self.alpha, "window": self.window, "base": self.base,
-                "constraint": self.constraint, "min_loss": self.min_loss}
+                "constraint": self.constraint, "min_loss": self.min_loss, "tension": self.tension}
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         assert M is not None
@@ -216,6 +218,8 @@ class Tensioner(Method):
                 f"this tensioner has seen {state.norms.shape[1]} tasks and now gets {T}; "
                 "call reset() to start over"
             )
+        if not self.tension:
+            return base_direction(M, self.base), {"tensioned": False}
         q, self.state, diagnostics = tensioner_step(
             M, context.losses, state, alpha=self.alpha, base=self.base,
             constraint=self.constraint, min_loss=self.min_loss,

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every number in docs/results.md comes from these commands (run from the repository root after
+# `make test` or `make demo` created .venv). Runs are recorded under results/ and reused when
+# rerun with the same settings. Data: ../shared/datasets (or set DECONFLICT_DATA).
+# Time on 2 CPU cores: about 7 hours, most of it Census-income (200 epochs per run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D=.venv/bin/deconflict
+DATA=${DECONFLICT_DATA:-../shared/datasets}
+ALL=sum,mean,mgda,pcgrad,cagrad,cagrad_fast,imtl_g,tensioner,gradvac,graddrop,upgrad,dualproj
+ALL=$ALL,aligned_mtl,nash_mtl,uw,dwa,rlw,famo,db_mtl,imtl_l,gradnorm
+ALL=$ALL,gradops:alpha=-5,gradops:alpha=-2,gradops,gradops:alpha=2
+TENSIONER=mean,mgda,tensioner:tension=false,tensioner:base=min_norm,tensioner
+
+# 2-D toy problem, every method (deterministic: one seed)
+$D compare toy2d --methods "$ALL" --quiet
+
+# XOR / AND, the tensioner paper's Tables 1 (c = 1) and 2 (c = 10), 50 seeds
+$D compare xor-and --methods "$TENSIONER,pcgrad,gradops,gradops:alpha=-2" --seeds 50 \
+    --set scale=1 --name compare_c1 --quiet
+$D compare xor-and --methods "$TENSIONER,pcgrad,gradops,gradops:alpha=-2" --seeds 50 \
+    --set scale=10 --name compare_c10 --quiet
+
+# Digits (scikit-learn), classification + reconstruction and both-classification, 5 seeds
+$D compare digits --methods "$TENSIONER,pcgrad,cagrad,imtl_g,nash_mtl,upgrad,gradops,gradops:alpha=-2" \
+    --seeds 5 --quiet
+$D compare digits --methods "$TENSIONER,pcgrad,cagrad,imtl_g,nash_mtl,upgrad,gradops,gradops:alpha=-2" \
+    --seeds 5 --set variant=classify_both --name compare_both --quiet
+
+# Multi-MNIST from the idx files (test set split 80/10/10), 3 seeds
+$D compare multi-mnist --methods "$TENSIONER,gradops,gradops:alpha=-2" --seeds 3 --data "$DATA" \
+    --quiet
+
+# Census-income, GradOPS settings (200 epochs), 3 seeds: core methods, alpha sweep, static grid
+$D compare census-income --methods sum,mgda,pcgrad,cagrad,imtl_g,tensioner,gradnorm,gradops:alpha=-3 \
+    --seeds 3 --data "$DATA" --quiet
+$D sweep census-income --method gradops --alpha -5:5:11 --seeds 3 --data "$DATA" \
+    --pair auc_income,auc_marital --quiet
+$D sweep census-income --method sum --weights simplex:6 --seeds 3 --data "$DATA" \
+    --pair auc_income,auc_marital --quiet
+$D compare census-income --methods sum,gradops:alpha=-3 --seeds 1 --set model=mmoe \
+    --data "$DATA" --name compare_mmoe --quiet
