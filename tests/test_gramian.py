@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -19,10 +21,16 @@ def nearly_collinear_float32(d: int = 100_000, gap: float = 1e-5) -> torch.Tenso
     return torch.stack(rows).float()
 
 
+def exact_gramian(J: torch.Tensor) -> torch.Tensor:
+    """J J^T correctly rounded: float32 products are exact in float64, fsum adds them exactly."""
+    rows = J.double().numpy()
+    return torch.tensor([[math.fsum(a * b) for b in rows] for a in rows], dtype=torch.float64)
+
+
 def test_float32_jacobian_gets_a_float64_accurate_gramian():
     """METHODS.md: fp32 matmul loses projection methods; fp64 accumulation does not."""
     J = nearly_collinear_float32()
-    exact = J.double() @ J.double().T
+    exact = exact_gramian(J)
     ours = deconflict.gramian(J)
     assert ours.dtype == torch.float64
     assert ((ours - exact).abs().max() / exact.abs().max()) < 1e-15

@@ -62,6 +62,8 @@ try:
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+unknown"
 
+from .tracking import LayerTracker, track
+
 __all__ = [
     "DBMTL",
     "DWA",
@@ -85,6 +87,7 @@ __all__ = [
     "GradVac",
     "InvalidGramianError",
     "InvalidOptionError",
+    "LayerTracker",
     "Mean",
     "Method",
     "NashMTL",
@@ -104,4 +107,5 @@ __all__ = [
     "combine",
     "get",
     "gramian",
+    "track",
 ]

@@ -2,19 +2,30 @@
 
 ``backward(losses, shared_params, method)`` replaces ``loss.backward()`` in a training loop:
 
-1. differentiate each task loss with respect to the shared parameters (or, in representation
-   mode, the shared features), giving the Jacobian J in blocks, one per tensor;
-2. turn the blocks into the update with ``update.compute_update`` (Gramian M = J J^T in
-   float64, the method's weights c, J^T c accumulated in float64 - or the method's own block or
-   Jacobian rule, see ``methods.base``);
-3. add the update to each shared parameter's ``.grad`` - in representation mode, backpropagate
-   it once through the trunk instead;
-4. give every other parameter the losses reach (the task heads) its ordinary gradient, that of
-   sum_i L_i (or another weighting, see ``head_weights``).
+1. the per-task gradients with respect to the shared parameters, by one of the modes below;
+2. the method's weights c from the Gramian M = J J^T (float64), or its own block or Jacobian
+   rule (``update.compute_update``, ``methods.base``);
+3. the update J^T c added to each shared parameter's ``.grad`` (float64 accumulation, written in
+   place); every other parameter the losses reach (the task heads) gets its ordinary gradient,
+   that of sum_i L_i (or another weighting, see ``head_weights``).
 Nothing is written until every gradient is computed and checked.
 
+Modes (``mode=``):
+
+- "sequential": one backward pass per task, keeping the graph; the T x d Jacobian in memory.
+- "batched": the T backward passes vectorized (``is_grads_batched``), ``chunk_size`` tasks at a
+  time (None: all); faster on wide layers, same memory (more with large chunks).
+- "gramian": never holds the Jacobian: M from per-layer pieces (``tracking``; the trunk must be
+  tracked with ``deconflict.track(trunk)`` before the forward pass), then one backward pass of
+  sum_i c_i L_i. For methods that need only M.
+- "auto" (default): "gramian" when the trunk is tracked and the method needs only M, otherwise
+  "sequential".
+- ``features=``: representation mode (gradients w.r.t. the shared features, one trunk backward),
+  with the features' per-task gradients computed sequentially or batched as above.
+
 Loss-weighting methods (sum, mean, UW, DWA, RLW, FAMO, ...) cost one ordinary backward pass of
-sum_i c_i L_i instead of T; GradNorm adds T cheap passes down to the last shared layer.
+sum_i c_i L_i instead of T, whatever the mode; GradNorm adds T cheap passes down to the last
+shared layer.
 
 Gradients add to ``.grad`` as autograd's do, so gradient accumulation over micro-batches works
 unchanged. ``backward`` returns a ``StepRecord`` for logging.
@@ -32,11 +43,15 @@ from torch import Tensor, nn
 
 from .errors import DisconnectedLossError, InvalidOptionError, NonFiniteError, ShapeError
 from .gramian import gramian_of_blocks
+from .jacobian import check_chunk_size, task_jacobian
 from .methods.base import Method
 from .methods.registry import method_class
-from .update import compute_update, raise_non_finite
+from .tracking import _TRACKERS, tracked_gramian, tracker_of
+from .update import compute_update, gramian_weights, raise_non_finite
 
 HeadWeights = Literal["auto", "unit", "method"]
+Mode = Literal["auto", "sequential", "batched", "gramian"]
+MODES = ("auto", "sequential", "batched", "gramian")
 
 
 @dataclass(frozen=True)
@@ -49,15 +64,17 @@ class StepRecord:
     - ``gramian``: M = J J^T, or None when the method needed no per-task gradients. With
       ``combinations`` (CAGrad-Fast), the Gramian of the combined losses A L instead;
     - ``diagnostics``: the method's own (see its docstring);
-    - ``mode``: "losses" (one weighted backward), "parameters" or "features".
+    - ``mode``: "sequential", "batched", "gramian", or "losses" (one weighted backward pass);
+    - ``features``: whether the gradients were taken w.r.t. the shared features.
     """
 
     weights: Tensor | None
     losses: Tensor
     gramian: Tensor | None
     diagnostics: dict[str, Any] = field(default_factory=dict)
-    mode: str = "parameters"
+    mode: str = "sequential"
     combinations: Tensor | None = None
+    features: bool = False
 
     @property
     def conflicting_pairs(self) -> list[tuple[int, int]]:
@@ -88,6 +105,8 @@ def backward(
     shared_params: nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]],
     method: Method | str,
     *,
+    mode: Mode = "auto",
+    chunk_size: int | None = None,
     features: Tensor | Sequence[Tensor] | None = None,
     head_weights: HeadWeights = "auto",
     compute_gramian: bool | None = None,
@@ -99,8 +118,11 @@ def backward(
         losses: the T task losses (scalars), as a sequence or a 1-D tensor.
         shared_params: the parameters all tasks share (a module, tensors, or named tensors).
             They receive J^T c; every other parameter the losses reach gets its ordinary
-            gradient.
+            gradient. For mode="gramian", the tracked trunk module.
         method: a Method instance, or the name of a stateless one.
+        mode: how the per-task gradients are computed: "sequential", "batched", "gramian" or
+            "auto" (see the module docstring).
+        chunk_size: tasks differentiated together in "batched" and "gramian" modes (None: all).
         features: representation mode (MGDA-UB style): the shared representation Z (or several).
             The method combines the task gradients with respect to Z, and the combination is
             backpropagated once through the trunk into ``shared_params``. The Gramian then sums
@@ -127,6 +149,12 @@ def backward(
         raise InvalidOptionError(
             f"head_weights must be 'auto', 'unit' or 'method', got {head_weights!r}"
         )
+    if mode not in MODES:
+        raise InvalidOptionError(f"mode must be one of {', '.join(map(repr, MODES))}, "
+                                 f"got {mode!r}")
+    check_chunk_size(chunk_size)
+    if mode == "sequential" and chunk_size not in (None, 1):
+        raise InvalidOptionError("chunk_size applies to mode='batched' and mode='gramian'")
     loss_list = _check_losses(losses)
     loss_values = torch.stack([loss.detach().to(torch.float64) for loss in loss_list]).cpu()
     bad = torch.nonzero(~torch.isfinite(loss_values)).flatten().tolist()
@@ -143,6 +171,19 @@ def backward(
     loss_weighting = method.kind == "losses"
     if compute_gramian is False and not loss_weighting:
         raise InvalidOptionError(f"{method.name} needs the per-task gradients")
+    gramian_only = method.kind in ("gramian", "losses")
+    if mode == "gramian":
+        if feature_list is not None:
+            raise InvalidOptionError("mode='gramian' differentiates the parameters; it does not "
+                                     "combine with features=")
+        if not gramian_only:
+            raise InvalidOptionError(
+                f"{method.name} needs more than the Gramian ({method.kind} method); use "
+                "mode='sequential' or 'batched'"
+            )
+    if mode == "auto":
+        tracked = isinstance(shared_params, nn.Module) and shared_params in _TRACKERS
+        mode = "gramian" if tracked and gramian_only and feature_list is None else "sequential"
     per_task = not loss_weighting or method.gradient_scope == "shared" or bool(compute_gramian)
     if not per_task:
         if head_weights == "unit":
@@ -150,16 +191,22 @@ def backward(
                 f"{method.name} does one weighted backward pass, so every parameter gets the "
                 "weighted gradient; pass compute_gramian=True for head_weights='unit'"
             )
+        if mode == "gramian":
+            tracker_of(shared_params).clear()
         return _weighted_loss_backward(method, loss_list, loss_values, shared, feature_list,
                                        retain_graph)
+    if mode == "gramian":
+        return _gramian_backward(method, loss_list, loss_values, shared, shared_params,
+                                 head_weights, retain_graph, chunk_size)
     return _gradient_backward(method, loss_list, loss_values, shared, feature_list,
-                              head_weights, retain_graph)
+                              head_weights, retain_graph, 1 if mode == "sequential" else
+                              chunk_size, mode)
 
 
 # ------------------------------------------------------------------------------------ paths
 def _weighted_loss_backward(
     method: Method, loss_list: list[Tensor], loss_values: Tensor,
-    shared: list[tuple[str, Tensor]], features: list[Tensor] | None, retain_graph: bool,
+    shared: list[tuple[str, Tensor, str]], features: list[Tensor] | None, retain_graph: bool,
 ) -> StepRecord:
     """Loss-weighting methods: one ordinary backward pass of sum_i c_i L_i."""
     leaf_ids = set() if features is not None else {id(p) for _, p, _ in shared}
@@ -184,14 +231,24 @@ def _weighted_loss_backward(
     if layer_gramian is not None:
         diagnostics["layer_gramian"] = layer_gramian.cpu()
     return StepRecord(weights=c, losses=loss_values, gramian=None, diagnostics=diagnostics,
-                      mode="losses")
+                      mode="losses", features=features is not None)
+
+
+def _rows(method: Method, loss_list: list[Tensor]) -> tuple[list[Tensor], np.ndarray | None]:
+    """The differentiated rows: the losses, or the method's combinations A L of them."""
+    A = method.gradient_combinations(len(loss_list))
+    if A is None:
+        return loss_list, None
+    return [sum(float(a) * loss for a, loss in zip(row, loss_list, strict=True) if a != 0.0)
+            for row in A], A
 
 
 def _gradient_backward(
     method: Method, loss_list: list[Tensor], loss_values: Tensor,
     shared: list[tuple[str, Tensor, str]], features: list[Tensor] | None,
-    head_weights: str, retain_graph: bool,
+    head_weights: str, retain_graph: bool, chunk_size: int | None, mode: str,
 ) -> StepRecord:
+    """Sequential and batched modes, on the parameters or (``features``) the representation."""
     shared_ids = {id(p) for _, p, _ in shared}
     stop = {f.grad_fn for f in features} if features is not None else set()
     leaves = _reachable_leaves(loss_list, stop)
@@ -212,39 +269,15 @@ def _gradient_backward(
         target_names = [f"shared parameter {name}" for name, _, _ in shared]
         layers = [layer for _, _, layer in shared]
 
-    A = method.gradient_combinations(len(loss_list))
-    if A is None:
-        rows = loss_list
-    else:
-        rows = [sum(float(a) * loss for a, loss in zip(row, loss_list, strict=True) if a != 0.0)
-                for row in A]
-
-    # The graph is freed by its last use: the last row when there is nothing else to do.
-    rows_free_graph = features is None and not heads and not retain_graph
-    per_row: list[tuple[Tensor | None, ...]] = []
+    rows, A = _rows(method, loss_list)
+    leaf_ids = set() if features is not None else shared_ids
     for k, row in enumerate(rows):
-        last = k == len(rows) - 1
-        grads = torch.autograd.grad(row, targets, allow_unused=True,
-                                    retain_graph=not (last and rows_free_graph))
-        if all(g is None for g in grads):
+        if not _reaches(row, leaf_ids, stop):
             raise _disconnected(k, features is not None, combination=A is not None)
-        per_row.append(grads)
-    # Like autograd, a tensor no loss reaches keeps .grad as it was (optimizers skip None).
-    target_reached = [any(grads[index] is not None for grads in per_row)
-                      for index in range(len(targets))]
-    blocks = []
-    for index, target in enumerate(targets):
-        column = []
-        for grads in per_row:
-            g = grads[index]
-            if g is not None and g.layout != torch.strided:
-                raise ShapeError(
-                    f"{target_names[index]} has a sparse gradient; deconflict needs dense "
-                    "gradients (e.g. nn.Embedding(sparse=False))"
-                )
-            column.append(torch.zeros_like(target) if g is None else g)
-        blocks.append(torch.stack(column).reshape(len(per_row), -1))
-    del per_row
+    # The graph is freed by its last use: the last row when there is nothing else to do.
+    free_graph = features is None and not heads and not retain_graph
+    blocks, target_reached = task_jacobian(rows, targets, target_names, chunk_size=chunk_size,
+                                           free_graph=free_graph)
 
     update = compute_update(
         method, blocks, target_names, layers, losses=loss_values, combinations=A,
@@ -253,39 +286,101 @@ def _gradient_backward(
     c = update.weights
 
     # Everything is computed and checked before any .grad changes: no half-applied step.
-    writes: list[tuple[str, list[Tensor], Sequence[Tensor | None], bool]] = []
-    if heads:
-        coefficients = _head_coefficients(method, head_weights, c, loss_values)
-        head_loss = sum(float(w) * loss for w, loss in zip(coefficients, loss_list, strict=True)
-                        if w != 0.0)
-        if isinstance(head_loss, Tensor):
-            head_grads = torch.autograd.grad(head_loss, heads, allow_unused=True,
-                                             retain_graph=retain_graph or features is not None)
-            writes.append(("a task-specific parameter", heads, head_grads, False))
-
+    head_grads = _head_gradients(method, head_weights, c, loss_values, loss_list, heads,
+                                 retain_graph or features is not None)
     if features is None:
-        hit = [(p, u.view_as(p)) for (_, p, _), u, r in zip(shared, update.blocks,
-                                                             target_reached, strict=True) if r]
-        writes.append(("a shared parameter", [p for p, _ in hit], [u for _, u in hit], True))
+        _accumulate(heads, head_grads)
+        for k, (_, param, _) in enumerate(shared):
+            if target_reached[k]:
+                fresh = param.grad is None
+                if fresh:
+                    param.grad = torch.empty_like(param, memory_format=torch.contiguous_format)
+                update.write(k, blocks[k], param.grad, accumulate=not fresh)
     else:
-        outputs = [u.view_as(f) for f, u in zip(features, update.blocks, strict=True)]
+        outputs = [u.view_as(f) for f, u in zip(features, update.materialize(blocks),
+                                                strict=True)]
         params = [p for _, p, _ in shared]
         trunk_grads = torch.autograd.grad(features, params, outputs, allow_unused=True,
                                           retain_graph=retain_graph)
         if all(g is None for g in trunk_grads):
             raise DisconnectedLossError("the features do not depend on any shared parameter")
-        writes.append(("a shared parameter", params, trunk_grads, False))
-
-    for what, params, grads, _ in writes:
-        _check_finite(params, grads, what)
-    for _, params, grads, fresh in writes:
-        _accumulate(params, grads, fresh=fresh)
+        _check_finite(params, trunk_grads, "a shared parameter")
+        _accumulate(heads, head_grads)
+        _accumulate(params, trunk_grads)
 
     return StepRecord(
         weights=c, losses=loss_values, gramian=update.gramian, diagnostics=update.diagnostics,
-        mode="features" if features is not None else "parameters",
+        mode=mode, combinations=None if A is None else torch.from_numpy(A),
+        features=features is not None,
+    )
+
+
+def _gramian_backward(
+    method: Method, loss_list: list[Tensor], loss_values: Tensor,
+    shared: list[tuple[str, Tensor, str]], shared_params: Any, head_weights: str,
+    retain_graph: bool, chunk_size: int | None,
+) -> StepRecord:
+    """Gramian-only mode: M from the tracked layers, then one backward pass of sum_i r_i L_i."""
+    tracker = tracker_of(shared_params)
+    try:
+        shared_ids = {id(p) for _, p, _ in shared}
+        leaves = _reachable_leaves(loss_list, set())
+        heads = [leaf for leaf in leaves if id(leaf) not in shared_ids]
+        reached = [p for _, p, _ in shared if any(leaf is p for leaf in leaves)]
+        stop = {edge.node for call in tracker.calls for edge in call.edges}
+        outside = _reachable_leaves(loss_list, stop)
+        bypass = [name for name, p, _ in shared if any(leaf is p for leaf in outside)]
+        if bypass:
+            raise InvalidOptionError(
+                f"shared parameter {bypass[0]} is used outside the tracked layer calls (e.g. a "
+                "tied weight used by a head); mode='gramian' cannot see its per-task gradients: "
+                "use mode='sequential' or 'batched'"
+            )
+        rows, A = _rows(method, loss_list)
+        for k, row in enumerate(rows):
+            if not _reaches(row, shared_ids, set()):
+                raise _disconnected(k, False, combination=A is not None)
+        M, covered = tracked_gramian(tracker, rows, shared, chunk_size)
+        missing = [name for name, p, _ in shared if any(p is q for q in reached)
+                   and id(p) not in covered]
+        if missing:
+            raise InvalidOptionError(
+                f"shared parameter {missing[0]} is reached by the losses but not through a "
+                "recorded call of the module that owns it; use mode='sequential'"
+            )
+        c, r, diagnostics = gramian_weights(method, M, [p.dtype for p in reached],
+                                            losses=loss_values, combinations=A)
+        head_grads = _head_gradients(method, head_weights, c, loss_values, loss_list, heads,
+                                     True)
+        combined = sum(float(w) * row for w, row in zip(r.tolist(), rows, strict=True))
+        shared_grads = torch.autograd.grad(combined, reached, allow_unused=True,
+                                           retain_graph=retain_graph)
+        _check_finite(reached, shared_grads, "a shared parameter")
+    finally:
+        tracker.clear()
+    _accumulate(heads, head_grads)
+    _accumulate(reached, shared_grads)
+    return StepRecord(
+        weights=c, losses=loss_values, gramian=M, diagnostics=diagnostics, mode="gramian",
         combinations=None if A is None else torch.from_numpy(A),
     )
+
+
+def _head_gradients(
+    method: Method, head_weights: str, weights: Tensor | None, losses: Tensor,
+    loss_list: list[Tensor], heads: list[Tensor], retain_graph: bool,
+) -> Sequence[Tensor | None]:
+    """The task-specific parameters' gradients (checked, not yet written)."""
+    if not heads:
+        return []
+    coefficients = _head_coefficients(method, head_weights, weights, losses)
+    head_loss = sum(float(w) * loss for w, loss in zip(coefficients, loss_list, strict=True)
+                    if w != 0.0)
+    if not isinstance(head_loss, Tensor):
+        return [None] * len(heads)
+    grads = torch.autograd.grad(head_loss, heads, allow_unused=True, retain_graph=retain_graph)
+    _check_finite(heads, grads, "a task-specific parameter")
+    return grads
 
 
 def _head_coefficients(
@@ -430,22 +525,26 @@ def _check_finite(params: Sequence[Tensor], grads: Sequence[Tensor | None], what
     present = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
     if not present:
         return
-    finite = torch.stack([torch.isfinite(g).all() for _, g in present])
-    if not bool(finite.all()):
-        index = int(torch.nonzero(~finite)[0])
-        raise NonFiniteError(f"the gradient of {what} of shape {tuple(present[index][0].shape)} "
-                             "contains NaN or infinity")
+    # A sum is non-finite whenever an element is (NaN and infinity propagate) and costs one
+    # pass; only if one is, the exact test below rules out an overflow of the sum itself.
+    sums = torch.stack([g.sum() for _, g in present])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for param, grad in present:
+        if not bool(torch.isfinite(grad).all()):
+            raise NonFiniteError(f"the gradient of {what} of shape {tuple(param.shape)} "
+                                 "contains NaN or infinity")
 
 
-def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], *, fresh: bool) -> None:
-    """Add gradients to ``.grad``, as autograd does. ``fresh``: the tensors are ours to keep."""
+def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """Add gradients to ``.grad``, as autograd does."""
     for param, grad in zip(params, grads, strict=True):
         if grad is None:
             continue
         grad = grad.detach().to(param.dtype)
         if param.grad is not None:
             param.grad.add_(grad)
-        elif fresh or grad.is_contiguous():
+        elif grad.is_contiguous():
             param.grad = grad
         else:
             # Autograd may hand back broadcast views (stride 0): give .grad its own storage.

@@ -4,7 +4,7 @@ Both accumulate in float64 whatever the dtype of J (METHODS.md Section 0, "Preci
 float32 gradients, a float32 Gramian loses the small differences between nearly collinear task
 gradients that projection methods depend on, and a float32 combination J^T c loses the
 cancellation between large coefficients of opposite sign. Float64 accumulation makes both errors
-about 1e-16 relative instead. Work is done in column blocks so the float64 copies stay small.
+about 1e-16 relative instead. The loops themselves are in ``kernels``.
 
 A Jacobian may be given whole (T x d) or as blocks (T x d_k each, e.g. one per parameter tensor):
 M = sum_k J_k J_k^T and (J^T c) restricted to block k is J_k^T c.
@@ -17,14 +17,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from . import kernels
 from .errors import ShapeError
-
-# Float64 elements converted at a time per block: about 4 MiB, small enough to stay in cache.
-_CHUNK_ELEMENTS = 1 << 19
-
-
-def _chunk_columns(num_rows: int) -> int:
-    return max(256, _CHUNK_ELEMENTS // max(num_rows, 1))
 
 
 def _check_matrix(jacobian: Tensor) -> Tensor:
@@ -53,13 +47,7 @@ def gramian_of_blocks(blocks: Iterable[Tensor]) -> Tensor:
             raise ShapeError(
                 f"Jacobian blocks disagree on the number of tasks: {block.shape[0]} vs {M.shape[0]}"
             )
-        if block.dtype == torch.float64:
-            M.addmm_(block, block.T)
-            continue
-        step = _chunk_columns(block.shape[0])
-        for start in range(0, block.shape[1], step):
-            chunk = block[:, start:start + step].to(torch.float64)
-            M.addmm_(chunk, chunk.T)
+        kernels.gramian_into(block, M)
     if M is None:
         raise ShapeError("no Jacobian blocks were given")
     return M
@@ -70,31 +58,34 @@ def gramian(jacobian: Tensor) -> Tensor:
     return gramian_of_blocks([jacobian])
 
 
-def combine_block(block: Tensor, weights: Tensor, out: Tensor | None = None) -> Tensor:
+def combine_block(
+    block: Tensor, weights: Tensor, out: Tensor | None = None, *, accumulate: bool = True
+) -> Tensor:
     """J_k^T c for one block (T x d_k), accumulated in float64, returned in the block's dtype.
 
-    With ``out`` (a tensor of d_k elements in any shape), the result is added to it in place.
+    With ``out`` (a contiguous tensor of d_k elements in any shape, e.g. a ``.grad``), the result
+    is added to it in place (``accumulate=False``: written over it) and ``out`` is returned.
     """
     block = _check_matrix(block)
-    c = weights.to(device=block.device, dtype=torch.float64)
-    if c.shape != (block.shape[0],):
+    if weights.shape != (block.shape[0],):
         raise ShapeError(
-            f"weights of shape {tuple(c.shape)} do not fit a Jacobian with {block.shape[0]} rows"
+            f"weights of shape {tuple(weights.shape)} do not fit a Jacobian with "
+            f"{block.shape[0]} rows"
         )
-    flat_out = None if out is None else out.view(-1)
-    if block.dtype == torch.float64:
-        result = c @ block
-        if flat_out is None:
-            return result
-        flat_out.add_(result.to(flat_out.dtype))
+    if out is None:
+        out = torch.empty(block.shape[1], dtype=block.dtype, device=block.device)
+        accumulate = False
+    elif out.numel() != block.shape[1]:
+        raise ShapeError(f"out has {out.numel()} elements, the block {block.shape[1]} columns")
+    if out.is_contiguous():
+        kernels.combine_into(block, weights, out, accumulate=accumulate)
         return out
-    if flat_out is None:
-        flat_out = torch.zeros(block.shape[1], dtype=block.dtype, device=block.device)
-        out = flat_out
-    step = _chunk_columns(block.shape[0])
-    for start in range(0, block.shape[1], step):
-        part = c @ block[:, start:start + step].to(torch.float64)
-        flat_out[start:start + step] += part.to(flat_out.dtype)
+    result = torch.empty(block.shape[1], dtype=out.dtype, device=out.device)
+    kernels.combine_into(block, weights, result, accumulate=False)
+    if accumulate:
+        out.add_(result.view_as(out))
+    else:
+        out.copy_(result.view_as(out))
     return out
 
 

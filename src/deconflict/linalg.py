@@ -5,20 +5,35 @@ the cost per call is dominated by per-operation overhead, which is 3-5x lower in
 PyTorch (measured: ~0.6 us vs ~1.9 us for an elementwise add of a 2 x 2 matrix, 7 us vs 26 us
 for a 2 x 2 solve). The methods also branch on the data (active sets, conflict gating), which
 would force a device synchronisation per branch on a GPU; one copy of M to the host is cheaper.
+
+The algebra runs with one BLAS thread (``single_threaded_blas``): at these sizes threads only
+cost. Measured on 2 busy cores: OpenBLAS's threaded triangular solve of a 100 x 100 system with
+100 right-hand sides took 16 ms, against 0.2 ms on one thread.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 import torch
 from scipy.linalg import lapack
+from threadpoolctl import ThreadpoolController
 
 from .errors import InvalidGramianError, NonFiniteError, ShapeError
 
 # Symmetry and diagonal checks, relative to the largest diagonal entry.
 _GRAMIAN_RTOL = 1e-5
+_blas: ThreadpoolController | None = None
+
+
+def single_threaded_blas() -> AbstractContextManager:
+    """A context in which NumPy's and SciPy's BLAS use one thread (for T x T algebra)."""
+    global _blas
+    if _blas is None:
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=1, user_api="blas")
 
 
 def to_numpy(values: Any, dtype: type = np.float64) -> np.ndarray:

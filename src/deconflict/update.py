@@ -11,7 +11,8 @@ The Gramian is accumulated per block in float64, M = sum_k M_k; then by the meth
 - "jacobian": the method maps the blocks to their updates itself.
 
 An update J^T c whose norm is below its own float64 rounding error (``gramian.rounding_floor``;
-e.g. at a Pareto-stationary point) is returned as exact zeros: its direction would be noise.
+e.g. at a Pareto-stationary point) is made exact zeros: its direction would be noise. The
+update is returned unwritten (``Update``): the engine writes it into ``.grad`` in place.
 """
 
 from __future__ import annotations
@@ -25,18 +26,44 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidOptionError, NonFiniteError, ShapeError
-from .gramian import combine_block, gramian_of_blocks, rounding_floor, vector_norm
+from .gramian import combine_block, gramian_of_blocks, rounding_floor
+from .linalg import single_threaded_blas
 from .methods.base import Method
 
 
 @dataclass(frozen=True)
 class Update:
-    """The update, block by block, and what produced it (float64 CPU tensors)."""
+    """The method's update, before it is written anywhere, and what produced it.
 
-    blocks: list[Tensor]  # flat, in each block's dtype
-    gramian: Tensor  # R x R, of the differentiated rows
+    For most methods the update of block k is J_k^T r_k, with row weights r_k (the same r for
+    every block of a Gramian method, one per group for block-Gramian methods): it is written
+    straight into its destination by ``write`` (float64 accumulation, no temporary). Jacobian
+    methods computed their updates already (``block_updates``).
+    """
+
+    gramian: Tensor  # R x R float64 on the CPU, of the differentiated rows
     weights: Tensor | None = None  # (T,) when the update is J^T c
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    block_weights: list[Tensor] | None = None  # r_k (R,) float64 per block
+    block_updates: list[Tensor] | None = None  # flat, per block, in each block's dtype
+
+    def write(self, index: int, block: Tensor, out: Tensor, *, accumulate: bool) -> None:
+        """Put the update of block ``index`` (Jacobian block ``block``) into ``out``."""
+        if self.block_weights is not None:
+            combine_block(block, self.block_weights[index], out, accumulate=accumulate)
+            return
+        update = self.block_updates[index].view_as(out).to(out.dtype)
+        if accumulate:
+            out.add_(update)
+        else:
+            out.copy_(update)
+
+    def materialize(self, blocks: Sequence[Tensor]) -> list[Tensor]:
+        """Each block's update as a new flat tensor in the block's dtype."""
+        if self.block_weights is None:
+            return list(self.block_updates)
+        return [combine_block(block, r) for block, r in zip(blocks, self.block_weights,
+                                                             strict=True)]
 
 
 def split_columns(
@@ -81,23 +108,42 @@ def compute_update(
         updates, diagnostics = method.combine_jacobian(
             blocks, losses=None if losses is None else np.asarray(losses, dtype=np.float64),
             features=features)
-        return Update([u.reshape(-1) for u in updates], M.cpu(), None, diagnostics)
+        updates = [u.reshape(-1) for u in updates]
+        for update, name in zip(updates, names, strict=True):
+            if not bool(torch.isfinite(update).all()):
+                raise NonFiniteError(f"the update of {method.name} for {name} contains NaN or "
+                                     "infinity")
+        return Update(M.cpu(), None, diagnostics, block_updates=updates)
 
     scoped = M
     if kind == "losses" and method.gradient_scope == "last_layer":
         last = [k for k, layer in enumerate(layers) if layer == layers[-1]]
         scoped = torch.stack([block_gramians[k] for k in last]).sum(dim=0)
-    c, diagnostics = method.weights_with_diagnostics(scoped, losses=losses,
-                                                     combinations=combinations)
+    c, r, diagnostics = gramian_weights(method, M, blocks_dtypes(blocks), losses=losses,
+                                        combinations=combinations, scoped=scoped)
+    return Update(M.cpu(), c, diagnostics, block_weights=[r] * len(blocks))
+
+
+def gramian_weights(
+    method: Method, M: Tensor, dtypes: Sequence[torch.dtype], *, losses: Any = None,
+    combinations: np.ndarray | None = None, scoped: Tensor | None = None,
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """c from the Gramian (of ``scoped`` if given), and the row weights r with J^T r = J^T c.
+
+    r is checked as ``_checked_row_weights`` says; ``dtypes`` are those of the update.
+    """
+    M = M.cpu()
+    c, diagnostics = method.weights_with_diagnostics(M if scoped is None else scoped,
+                                                     losses=losses, combinations=combinations)
     c = c.cpu()
     # With combinations A, J^T c = (A J)^T r for the r solving A^T r = c.
-    row_weights = c if combinations is None else torch.from_numpy(
+    r = c if combinations is None else torch.from_numpy(
         np.linalg.lstsq(combinations.T, c.numpy(), rcond=None)[0])
-    updates = [combine_block(block, row_weights) for block in blocks]
-    if vector_norm(updates) <= rounding_floor(M, row_weights):
-        for update in updates:
-            update.zero_()
-    return Update(updates, M.cpu(), c, diagnostics)
+    return c, _checked_row_weights(method, M, r, dtypes), diagnostics
+
+
+def blocks_dtypes(blocks: Sequence[Tensor]) -> list[torch.dtype]:
+    return [block.dtype for block in blocks]
 
 
 def _block_update(
@@ -109,20 +155,41 @@ def _block_update(
     gramians = torch.zeros(count, *M.shape, dtype=torch.float64)
     for k, group in enumerate(group_of):
         gramians[group] += block_gramians[k].cpu()
-    C, diagnostics = method.block_weights(gramians.numpy(), losses=losses)
+    with single_threaded_blas():
+        C, diagnostics = method.block_weights(gramians.numpy(), losses=losses)
     C = torch.from_numpy(np.asarray(C, dtype=np.float64))
-    if C.shape != (count, M.shape[0]) or not bool(torch.isfinite(C).all()):
-        raise NonFiniteError(f"{method.name} returned invalid block weights of shape "
-                             f"{tuple(C.shape)}")
-    updates = [combine_block(block, C[group]) for block, group in zip(blocks, group_of,
-                                                                       strict=True)]
+    if C.shape != (count, M.shape[0]):
+        raise NonFiniteError(f"{method.name} returned block weights of shape {tuple(C.shape)}, "
+                             f"expected {(count, M.shape[0])}")
+    rows = []
     for group in range(count):
-        members = [k for k, g in enumerate(group_of) if g == group]
-        if vector_norm([updates[k] for k in members]) <= rounding_floor(gramians[group], C[group]):
-            for k in members:
-                updates[k].zero_()
+        members = [blocks[k] for k, g in enumerate(group_of) if g == group]
+        rows.append(_checked_row_weights(method, gramians[group], C[group],
+                                         blocks_dtypes(members)))
     diagnostics = {**diagnostics, "block_weights": C, "groups": torch.tensor(group_of)}
-    return Update(updates, M.cpu(), None, diagnostics)
+    return Update(M.cpu(), None, diagnostics, block_weights=[rows[g] for g in group_of])
+
+
+def _checked_row_weights(
+    method: Method, M: Tensor, r: Tensor, dtypes: Sequence[torch.dtype]
+) -> Tensor:
+    """r, or zeros when ||J^T r|| is below its own rounding error; NonFiniteError if unusable.
+
+    Both are decided before anything is written, from M alone: ||J^T r||^2 = r^T M r, and every
+    element of J^T r is at most sum_i |r_i| ||g_i|| in magnitude.
+    """
+    if not bool(torch.isfinite(r).all()):
+        raise NonFiniteError(f"{method.name} returned non-finite weights {r.tolist()}")
+    norms = torch.sqrt(torch.clamp(torch.diagonal(M), min=0.0))
+    bound = float((r.abs() * norms).sum())
+    largest = min((torch.finfo(dtype).max for dtype in dtypes), default=float("inf"))
+    if bound >= largest:
+        raise NonFiniteError(
+            f"the update of {method.name} overflows: its elements may reach {bound:.3g}"
+        )
+    if float(r @ M @ r) <= rounding_floor(M, r) ** 2:
+        return torch.zeros_like(r)
+    return r
 
 
 def raise_non_finite(blocks: Sequence[Tensor], names: Sequence[str], combination: bool) -> None:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidOptionError, NonFiniteError, ShapeError
-from ..linalg import as_gramian_array, to_numpy
+from ..linalg import as_gramian_array, single_threaded_blas, to_numpy
 
 Diagnostics = dict[str, Any]
 KINDS = ("losses", "gramian", "block_gramians", "jacobian")
@@ -116,7 +116,8 @@ class Method(ABC):
         ctx = self._context(M, losses, context)
         if M is None and (self.kind != "losses" or self.gradient_scope != "none"):
             raise ShapeError(f"{self.name} needs the Gramian of the task gradients")
-        c, diagnostics = self._compute(M, ctx)
+        with single_threaded_blas():
+            c, diagnostics = self._compute(M, ctx)
         c = np.asarray(c, dtype=np.float64)
         if c.shape != (ctx.num_tasks,):
             raise ShapeError(f"{self.name} returned {c.shape[0]} weights for {ctx.num_tasks} tasks")
@@ -136,7 +137,8 @@ class Method(ABC):
 
         blocks, names = split_columns(jacobian, block_sizes)
         update = compute_update(self, blocks, names, names, losses=losses)
-        return torch.cat(update.blocks)
+        updates = update.materialize(blocks)
+        return updates[0] if len(updates) == 1 else torch.cat(updates)
 
     def head_coefficients(self, weights: np.ndarray | None, losses: np.ndarray) -> np.ndarray:
         """Weights of the losses in the gradient of the task-specific parameters (the heads).

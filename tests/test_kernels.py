@@ -1,0 +1,173 @@
+"""The fused float64 kernels: exact against correctly rounded sums, on every path and layout."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from deconflict import kernels
+
+SPAN = kernels._SPAN
+
+
+def exact_products(A: torch.Tensor, B: torch.Tensor) -> np.ndarray:
+    """A B^T correctly rounded: float32/float64 products are summed exactly by fsum."""
+    a, b = A.double().numpy(), B.double().numpy()
+    if A.dtype == torch.float32:
+        return np.array([[math.fsum(x * y) for y in b] for x in a])
+    # float64 products are not exact: split each factor into halves that multiply exactly.
+    return np.array([[_exact_dot(x, y) for y in b] for x in a])
+
+
+def _exact_dot(x: np.ndarray, y: np.ndarray) -> float:
+    def split(v):
+        high = (v * 134217729.0) - ((v * 134217729.0) - v)  # Dekker's split, 27 bits
+        return high, v - high
+
+    xh, xl = split(x)
+    yh, yl = split(y)
+    return math.fsum(np.concatenate([xh * yh, xh * yl, xl * yh, xl * yl]))
+
+
+def relative_error(ours: np.ndarray, exact: np.ndarray, A: torch.Tensor, B: torch.Tensor) -> float:
+    """Error relative to |a| |b| per entry, in units of the float64 bound for random data.
+
+    A float64 sum of n products errs by ~sqrt(n) eps |a| |b| (recursive or blocked summation);
+    a float32 one by ~sqrt(n) 1e-7 |a| |b|, which this separates by nine orders of magnitude.
+    """
+    scale = np.outer(np.linalg.norm(A.double().numpy(), axis=1),
+                     np.linalg.norm(B.double().numpy(), axis=1))
+    unit = np.sqrt(A.shape[1]) * 2.0**-52
+    return float(np.max(np.abs(ours - exact) / np.maximum(scale, 1e-300))) / unit
+
+
+@pytest.fixture(params=["numba", "torch"])
+def backend(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setenv("DECONFLICT_KERNELS", "torch")
+    return request.param
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 17])
+@pytest.mark.parametrize("columns", [1, 7, 300, SPAN + 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gramian_is_float64_accurate(backend, rows, columns, dtype):
+    generator = torch.Generator().manual_seed(rows * 1000 + columns)
+    J = torch.randn(rows, columns, generator=generator, dtype=dtype)
+    assert kernels.backend(J) == backend
+    M = torch.zeros(rows, rows, dtype=torch.float64)
+    kernels.gramian_into(J, M)
+    assert relative_error(M.numpy(), exact_products(J, J), J, J) <= 4
+    assert torch.equal(M, M.T)
+
+
+@pytest.mark.parametrize(("rows", "other"), [(1, 1), (3, 5), (10, 10), (6, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cross_products_are_float64_accurate(backend, rows, other, dtype):
+    generator = torch.Generator().manual_seed(rows + 10 * other)
+    A = torch.randn(rows, 2 * SPAN + 5, generator=generator, dtype=dtype)
+    B = torch.randn(other, 2 * SPAN + 5, generator=generator, dtype=dtype)
+    out = torch.zeros(rows, other, dtype=torch.float64)
+    kernels.cross_into(A, B, out)
+    assert relative_error(out.numpy(), exact_products(A, B), A, B) <= 4
+
+
+def test_gramian_accumulates_into_out():
+    J = torch.randn(3, 50)
+    M = torch.eye(3, dtype=torch.float64)
+    kernels.gramian_into(J, M)
+    torch.testing.assert_close(M, torch.eye(3, dtype=torch.float64) + J.double() @ J.double().T,
+                               rtol=1e-14, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 10])
+@pytest.mark.parametrize("columns", [1, 5000, 70_001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_combination_is_rounded_once_from_float64(backend, rows, columns, dtype):
+    generator = torch.Generator().manual_seed(rows + columns)
+    J = torch.randn(rows, columns, generator=generator, dtype=dtype)
+    # Large coefficients of opposite signs: the cancellation a float32 sum would lose.
+    c = torch.randn(rows, generator=generator, dtype=torch.float64) * 1e4
+    exact = (c @ J.double()).numpy()
+    out = torch.full((columns,), float("nan"), dtype=dtype)
+    kernels.combine_into(J, c, out, accumulate=False)
+    scale = float((c.abs() @ J.double().abs()).max())
+    assert np.max(np.abs(out.double().numpy() - exact)) <= scale * 4 * 2.0**-52 + np.max(
+        np.abs(exact)) * float(torch.finfo(dtype).eps)
+    # Accumulating adds to what is there, with one rounding of the float64 sum.
+    base = torch.randn(columns, generator=generator, dtype=dtype)
+    total = base.clone()
+    kernels.combine_into(J, c, total, accumulate=True)
+    expected = torch.from_numpy(exact + base.double().numpy()).to(dtype)
+    torch.testing.assert_close(total, expected, rtol=float(torch.finfo(dtype).eps) * 4,
+                               atol=scale * 1e-14)
+
+
+def test_strided_rows_and_columns():
+    """Row views of a larger buffer go to the compiled kernel; column-strided blocks fall back."""
+    buffer = torch.randn(7, 900)
+    rows_view = buffer[1:6, 100:800]
+    assert rows_view.stride() == (900, 1)
+    M = torch.zeros(5, 5, dtype=torch.float64)
+    kernels.gramian_into(rows_view, M)
+    exact = exact_products(rows_view, rows_view)
+    assert relative_error(M.numpy(), exact, rows_view, rows_view) <= 4
+    transposed = torch.randn(700, 5).T  # column stride 5
+    M = torch.zeros(5, 5, dtype=torch.float64)
+    kernels.gramian_into(transposed, M)
+    assert relative_error(M.numpy(), exact_products(transposed, transposed), transposed,
+                          transposed) <= 4
+    c = torch.randn(5, dtype=torch.float64)
+    out = torch.empty(700)
+    kernels.combine_into(transposed, c, out, accumulate=False)
+    torch.testing.assert_close(out, (c @ transposed.double()).float())
+
+
+def test_results_do_not_depend_on_the_number_of_threads():
+    J = torch.randn(10, 3 * SPAN + 11)
+    c = torch.randn(10, dtype=torch.float64)
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            M = torch.zeros(10, 10, dtype=torch.float64)
+            kernels.gramian_into(J, M)
+            out = torch.empty(J.shape[1])
+            kernels.combine_into(J, c, out, accumulate=False)
+            results.append((M, out))
+    finally:
+        torch.set_num_threads(previous)
+    for M, out in results[1:]:
+        assert torch.equal(M, results[0][0]) and torch.equal(out, results[0][1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_entries_reach_the_gramian(backend, bad):
+    J = torch.randn(3, 1000)
+    J[1, 517] = bad
+    M = torch.zeros(3, 3, dtype=torch.float64)
+    kernels.gramian_into(J, M)
+    assert not bool(torch.isfinite(M[1, 1]))
+    assert bool(torch.isfinite(M[0, 2]))
+
+
+@given(rows=st.integers(1, 12), columns=st.integers(1, 3000), seed=st.integers(0, 2**31 - 1),
+       scale=st.sampled_from([1e-30, 1.0, 1e30]))
+def test_fuzzed_blocks_match_numpy(rows, columns, seed, scale):
+    rng = np.random.default_rng(seed)
+    J = torch.from_numpy((rng.standard_normal((rows, columns)) * scale).astype(np.float32))
+    M = torch.zeros(rows, rows, dtype=torch.float64)
+    kernels.gramian_into(J, M)
+    reference = J.double().numpy() @ J.double().numpy().T
+    bound = np.outer(*(2 * [np.linalg.norm(J.double().numpy(), axis=1)]))
+    assert np.all(np.abs(M.numpy() - reference) <= 1e-13 * bound)
+    c = torch.from_numpy(rng.standard_normal(rows))
+    out = torch.empty(columns)
+    kernels.combine_into(J, c, out, accumulate=False)
+    torch.testing.assert_close(out, (c @ J.double()).float(), rtol=2e-7, atol=0.0)
