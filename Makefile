@@ -1,12 +1,13 @@
 # Two entry points, each creating the environment on first use:
 #   make demo   - the 2-D toy problem with every core method (plot + table in deconflict-demo/)
 #   make test   - ruff and the whole test suite (what CI runs)
+#   make bench  - the performance benchmarks of docs/performance.md (about 40 minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 # PyTorch first, pinned: the CPU wheel of this machine. The project itself asks for torch>=2.4,
 # which the installed 2.13.0 satisfies, so pip fetches nothing bigger.
@@ -22,6 +23,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# LibMTL is compared in the benchmarks only. Its PyPI dependencies (torchvision) do not import
+# with the CPU torch, and its weighting modules need only torch, numpy and scipy: hence --no-deps.
+bench: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps LibMTL==1.1.5
+	cd benchmarks && ../$(BIN)/python aggregation.py
+	cd benchmarks && ../$(BIN)/python step.py
+	cd benchmarks && ../$(BIN)/python memory.py
+	cd benchmarks && ../$(BIN)/python many_tasks.py
 
 clean:
 	rm -rf $(VENV) deconflict-demo

@@ -170,11 +170,11 @@ def test_gramian_mode_never_forms_per_task_weight_gradients():
         deconflict.backward(losses, trunk, "upgrad", mode="gramian")
     weight = 256 * 256
     assert probe.largest <= weight  # the final backward's own gradient, nothing T times larger
-    # The sequential mode, by contrast, holds the T x d Jacobian.
+    # The batched mode, by contrast, forms the T x d Jacobian (the probe sees it).
     z = trunk(x)
     losses = [((h(z).squeeze(-1) - t) ** 2).mean() for h, t in zip(heads, y, strict=True)]
     with _LargestTensor() as probe:
-        deconflict.backward(losses, trunk, "upgrad", mode="sequential")
+        deconflict.backward(losses, trunk, "upgrad", mode="batched")
     assert probe.largest >= tasks * weight
 
 

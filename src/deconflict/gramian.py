@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import kernels
 from .errors import ShapeError
+from .kernels import Rows
 
 
 def _check_matrix(jacobian: Tensor) -> Tensor:
@@ -35,19 +36,34 @@ def _check_matrix(jacobian: Tensor) -> Tensor:
     return jacobian.detach()
 
 
-def gramian_of_blocks(blocks: Iterable[Tensor]) -> Tensor:
+def check_block(block: Rows) -> list[Tensor]:
+    """The rows of a block given as a T x d_k tensor or as T tensors of d_k elements each."""
+    if isinstance(block, Tensor):
+        return kernels.row_list(_check_matrix(block))
+    rows = [row.detach() for row in block]
+    if not rows:
+        raise ShapeError("a Jacobian needs at least one task (row)")
+    for row in rows:
+        if not isinstance(row, Tensor) or not row.is_floating_point():
+            raise TypeError("Jacobian rows must be floating-point tensors")
+        if row.numel() != rows[0].numel():
+            raise ShapeError(f"Jacobian rows of different sizes: {row.numel()} vs "
+                             f"{rows[0].numel()}")
+    return [row.reshape(-1) for row in rows]
+
+
+def gramian_of_blocks(blocks: Iterable[Rows]) -> Tensor:
     """M = sum_k J_k J_k^T in float64, for column blocks J_k (T x d_k) of one Jacobian."""
     M: Tensor | None = None
     for block in blocks:
-        block = _check_matrix(block)
+        rows = check_block(block)
         if M is None:
-            M = torch.zeros(block.shape[0], block.shape[0], dtype=torch.float64,
-                            device=block.device)
-        elif block.shape[0] != M.shape[0]:
+            M = torch.zeros(len(rows), len(rows), dtype=torch.float64, device=rows[0].device)
+        elif len(rows) != M.shape[0]:
             raise ShapeError(
-                f"Jacobian blocks disagree on the number of tasks: {block.shape[0]} vs {M.shape[0]}"
+                f"Jacobian blocks disagree on the number of tasks: {len(rows)} vs {M.shape[0]}"
             )
-        kernels.gramian_into(block, M)
+        kernels.gramian_into(rows, M)
     if M is None:
         raise ShapeError("no Jacobian blocks were given")
     return M
@@ -59,29 +75,30 @@ def gramian(jacobian: Tensor) -> Tensor:
 
 
 def combine_block(
-    block: Tensor, weights: Tensor, out: Tensor | None = None, *, accumulate: bool = True
+    block: Rows, weights: Tensor, out: Tensor | None = None, *, accumulate: bool = True
 ) -> Tensor:
     """J_k^T c for one block (T x d_k), accumulated in float64, returned in the block's dtype.
 
-    With ``out`` (a contiguous tensor of d_k elements in any shape, e.g. a ``.grad``), the result
-    is added to it in place (``accumulate=False``: written over it) and ``out`` is returned.
+    With ``out`` (a tensor of d_k elements in any shape, e.g. a ``.grad``), the result is added
+    to it in place (``accumulate=False``: written over it) and ``out`` is returned.
     """
-    block = _check_matrix(block)
-    if weights.shape != (block.shape[0],):
+    rows = check_block(block)
+    if weights.shape != (len(rows),):
         raise ShapeError(
             f"weights of shape {tuple(weights.shape)} do not fit a Jacobian with "
-            f"{block.shape[0]} rows"
+            f"{len(rows)} rows"
         )
+    width = rows[0].numel()
     if out is None:
-        out = torch.empty(block.shape[1], dtype=block.dtype, device=block.device)
+        out = torch.empty(width, dtype=rows[0].dtype, device=rows[0].device)
         accumulate = False
-    elif out.numel() != block.shape[1]:
-        raise ShapeError(f"out has {out.numel()} elements, the block {block.shape[1]} columns")
+    elif out.numel() != width:
+        raise ShapeError(f"out has {out.numel()} elements, the block {width} columns")
     if out.is_contiguous():
-        kernels.combine_into(block, weights, out, accumulate=accumulate)
+        kernels.combine_into(rows, weights, out, accumulate=accumulate)
         return out
-    result = torch.empty(block.shape[1], dtype=out.dtype, device=out.device)
-    kernels.combine_into(block, weights, result, accumulate=False)
+    result = torch.empty(width, dtype=out.dtype, device=out.device)
+    kernels.combine_into(rows, weights, result, accumulate=False)
     if accumulate:
         out.add_(result.view_as(out))
     else:
@@ -91,7 +108,7 @@ def combine_block(
 
 def combine(jacobian: Tensor, weights: Tensor) -> Tensor:
     """The update J^T c (d,) of a T x d Jacobian, accumulated in float64, in J's dtype."""
-    return combine_block(jacobian, weights)
+    return combine_block(_check_matrix(jacobian), weights)
 
 
 # An update is trusted when its direction is accurate to ~1e-8: the float64 rounding error of

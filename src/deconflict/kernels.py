@@ -1,19 +1,21 @@
 """The two passes over the Jacobian, as fused float64 kernels: M += J J^T and out (+)= J^T c.
 
-A T x n block of float32 (or float64) gradients is read once per pass and converted to float64
-in registers, so both results carry float64 accuracy (METHODS.md Section 0, "Precision") at about
-the cost of reading J: no float64 copy of J, no d-sized temporary. ``out`` may be a parameter's
-``.grad`` itself.
+J is given by its rows, g_1 .. g_T: a T x n tensor, or T separate 1-D tensors of n elements (the
+per-task gradients as autograd returns them; stacking them would copy the Jacobian once more).
+Each pass reads the rows once and converts float32 to float64 in registers, so both results
+carry float64 accuracy (METHODS.md Section 0, "Precision") at about the cost of reading J: no
+float64 copy, no d-sized temporary. ``out`` may be a parameter's ``.grad`` itself.
 
 Two implementations:
 
-- "numba" (CPU tensors of float32/float64 with unit column stride): compiled loops. The Gramian
-  is computed in 4 x 4 tiles of task pairs over column chunks that stay in the L1/L2 cache: per
+- "numba" (CPU rows of float32/float64 with unit stride): compiled loops. The Gramian is
+  computed in 4 x 4 tiles of task pairs over column chunks that stay in the L1/L2 cache: per
   column, 8 loads feed 16 fused multiply-adds, so a tile runs at the speed of the arithmetic
-  while the chunk is read from memory only once. Columns are split into fixed spans whose
-  partial Gramians are summed in span order, so the result does not depend on the number of
-  threads. Threads come from a small pool (the kernels release the GIL), sized by
-  ``torch.get_num_threads()``.
+  while the rows are read from memory once. Columns are split into fixed spans whose partial
+  Gramians are summed in span order, so the result does not depend on the number of threads.
+  Threads come from a small pool (the kernels release the GIL), sized by
+  ``torch.get_num_threads()``. Rows are passed as a tuple padded to a power of two, so one
+  compiled kernel serves every T up to that size.
 - "torch" (any other device or dtype, or when numba is unavailable): float64 copies of column
   chunks, multiplied with ``torch.mm``. Correct everywhere; slower on the CPU because BLAS is
   poorly suited to T x T products with a long inner dimension.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,6 +39,8 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps the library usable
     numba = None
 
+Rows = Tensor | Sequence[Tensor]  # a T x n tensor, or T tensors of n elements
+
 # Reassociation lets the compiler vectorize the reductions; contraction gives fused multiply-adds.
 # NaN and infinity keep their IEEE meaning (no "fast" assumptions), so bad inputs still show.
 _FLAGS = {"reassoc", "contract"}
@@ -47,19 +51,27 @@ _SPAN = 1 << 15
 _CHUNK_BYTES = 1 << 17
 # Below this many elements, threads cost more than they save.
 _PARALLEL_ELEMENTS = 1 << 20
+# Columns per unit of work of the combination (a multiple of any cache line).
+_COMBINE_UNIT = 4096
 
 
-def backend(tensor: Tensor) -> str:
-    """The implementation used for ``tensor``: "numba" or "torch"."""
-    if (
-        numba is None
-        or os.environ.get("DECONFLICT_KERNELS", "").lower() == "torch"
-        or tensor.device.type != "cpu"
-        or tensor.dtype not in (torch.float32, torch.float64)
-        or tensor.is_conj()
-        or tensor.is_neg()
-    ):
+def row_list(rows: Rows) -> list[Tensor]:
+    """The rows as a list of 1-D tensors (views of a 2-D block, no copy)."""
+    if isinstance(rows, Tensor):
+        return list(rows.unbind(0))
+    return [row.reshape(-1) for row in rows]
+
+
+def backend(tensors: Rows) -> str:
+    """The implementation used for these rows: "numba" or "torch"."""
+    rows = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    if numba is None or os.environ.get("DECONFLICT_KERNELS", "").lower() == "torch":
         return "torch"
+    first = rows[0]
+    for row in rows:
+        if (row.device.type != "cpu" or row.dtype not in (torch.float32, torch.float64)
+                or row.dtype != first.dtype or row.is_conj() or row.is_neg()):
+            return "torch"
     return "numba"
 
 
@@ -68,17 +80,17 @@ if numba is not None:
 
     @numba.njit(nogil=True, fastmath=_FLAGS, cache=True, inline="always")
     def _tile(xs, x_rows, p, ys, y_rows, q, start, stop, out):  # pragma: no cover - compiled
-        # out[a, b] += sum_k X[x_rows[4p + a], k] Y[y_rows[4q + b], k], columns start:stop.
+        # out[a, b] += sum_k X_{x_rows[4p + a]}[k] Y_{y_rows[4q + b]}[k], columns start:stop.
         o = 4 * p
-        x0 = xs[x_rows[o] + start:x_rows[o] + stop]
-        x1 = xs[x_rows[o + 1] + start:x_rows[o + 1] + stop]
-        x2 = xs[x_rows[o + 2] + start:x_rows[o + 2] + stop]
-        x3 = xs[x_rows[o + 3] + start:x_rows[o + 3] + stop]
+        x0 = xs[x_rows[o]][start:stop]
+        x1 = xs[x_rows[o + 1]][start:stop]
+        x2 = xs[x_rows[o + 2]][start:stop]
+        x3 = xs[x_rows[o + 3]][start:stop]
         o = 4 * q
-        y0 = ys[y_rows[o] + start:y_rows[o] + stop]
-        y1 = ys[y_rows[o + 1] + start:y_rows[o + 1] + stop]
-        y2 = ys[y_rows[o + 2] + start:y_rows[o + 2] + stop]
-        y3 = ys[y_rows[o + 3] + start:y_rows[o + 3] + stop]
+        y0 = ys[y_rows[o]][start:stop]
+        y1 = ys[y_rows[o + 1]][start:stop]
+        y2 = ys[y_rows[o + 2]][start:stop]
+        y3 = ys[y_rows[o + 3]][start:stop]
         a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = 0.0
         a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = 0.0
         for k in range(stop - start):
@@ -138,19 +150,19 @@ if numba is not None:
                         _tile(xs, x_rows, p, ys, y_rows, q, start, stop, partial[s, p, q])
 
     @numba.njit(nogil=True, fastmath=_FLAGS, cache=True)
-    def _combine_range(flat, rows, weights, out, first, last, chunk,
+    def _combine_range(xs, count, weights, out, first, last, chunk,
                        accumulate):  # pragma: no cover - compiled
-        # out[first:last] (+)= sum_i weights[i] J[i, first:last], summed in float64.
+        # out[first:last] (+)= sum_{i < count} weights[i] X_i[first:last], summed in float64.
         acc = np.empty(chunk)
         for start in range(first, last, chunk):
             stop = min(last, start + chunk)
             width = stop - start
-            row = flat[rows[0] + start:rows[0] + stop]
+            row = xs[0][start:stop]
             c = weights[0]
             for k in range(width):
                 acc[k] = c * np.float64(row[k])
-            for i in range(1, weights.shape[0]):
-                row = flat[rows[i] + start:rows[i] + stop]
+            for i in range(1, count):
+                row = xs[i][start:stop]
                 c = weights[i]
                 for k in range(width):
                     acc[k] += c * np.float64(row[k])
@@ -188,126 +200,139 @@ def _run(work: Callable[[int, int], None], count: int, elements: int) -> None:
         future.result()
 
 
-def _flat_rows(block: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """A 1-D NumPy view covering the block's rows, and each row's start in it."""
-    rows, columns = block.shape
-    row_stride = block.stride(0) if rows > 1 else columns
-    span = (rows - 1) * row_stride + columns
-    flat = torch.as_strided(block.detach(), (span,), (1,)).numpy()
-    return flat, np.arange(rows, dtype=np.int64) * row_stride
+def _arrays(rows: list[Tensor]) -> tuple[np.ndarray, ...]:
+    """The rows as NumPy views, padded with the last one to a power of two (at least 4).
+
+    One compiled kernel per padded length serves every T up to it; padded rows are read only
+    by tiles whose results are dropped.
+    """
+    arrays = [row.detach().numpy() for row in rows]
+    size = max(_TILE, 1 << (len(arrays) - 1).bit_length())
+    return tuple(arrays + [arrays[-1]] * (size - len(arrays)))
+
+
+def _tile_rows(count: int) -> np.ndarray:
+    tiles = -(-count // _TILE)
+    return np.minimum(np.arange(tiles * _TILE), count - 1).astype(np.int64)
 
 
 def _chunk(rows: int, itemsize: int) -> int:
     return int(max(256, min(_SPAN, _CHUNK_BYTES // (rows * itemsize) // 64 * 64)))
 
 
-def _numba_ready(block: Tensor) -> bool:
-    return backend(block) == "numba" and block.shape[1] > 0 and (
-        block.shape[1] == 1 or block.stride(1) == 1)
+def _numba_ready(rows: list[Tensor]) -> bool:
+    return backend(rows) == "numba" and all(row.stride(0) == 1 or row.numel() <= 1
+                                            for row in rows)
+
+
+def _checked_rows(rows: Rows) -> list[Tensor]:
+    listed = row_list(rows)
+    if not listed:
+        raise ValueError("no rows")
+    width = listed[0].numel()
+    if any(row.numel() != width for row in listed):
+        raise ValueError(f"rows of different lengths: {sorted({r.numel() for r in listed})}")
+    return listed
 
 
 # ------------------------------------------------------------------------------------ Gramian
-def gramian_into(block: Tensor, out: Tensor) -> None:
-    """out += J J^T for a T x n block J, accumulated in float64 (``out``: T x T float64)."""
-    if block.shape[0] == 0 or block.shape[1] == 0:
+def gramian_into(rows: Rows, out: Tensor) -> None:
+    """out += J J^T for the rows of J, accumulated in float64 (``out``: T x T float64)."""
+    listed = _checked_rows(rows)
+    if listed[0].numel() == 0:
         return
-    if not _numba_ready(block) or backend(out) != "numba":
-        _torch_gramian_into(block, out)
+    if not _numba_ready(listed) or out.device.type != "cpu":
+        _torch_products_into(listed, listed, out, symmetric=True)
         return
-    out += torch.from_numpy(_products(block, block, symmetric=True)).to(out.device)
+    out += torch.from_numpy(_products(listed, listed, symmetric=True))
 
 
-def cross_into(left: Tensor, right: Tensor, out: Tensor) -> None:
-    """out += A B^T for blocks A (T x n) and B (U x n), accumulated in float64."""
-    if left.shape[1] != right.shape[1]:
-        raise ValueError(f"blocks of {left.shape[1]} and {right.shape[1]} columns")
-    if left.shape[0] == 0 or right.shape[0] == 0 or left.shape[1] == 0:
+def cross_into(left: Rows, right: Rows, out: Tensor) -> None:
+    """out += A B^T for the rows of A (T x n) and of B (U x n), accumulated in float64."""
+    a, b = _checked_rows(left), _checked_rows(right)
+    if a[0].numel() != b[0].numel():
+        raise ValueError(f"rows of {a[0].numel()} and {b[0].numel()} elements")
+    if a[0].numel() == 0:
         return
-    if not (_numba_ready(left) and _numba_ready(right) and left.dtype == right.dtype
-            and backend(out) == "numba"):
-        step = max(256, (1 << 19) // max(left.shape[0], right.shape[0]))
-        for start in range(0, left.shape[1], step):
-            out.addmm_(left[:, start:start + step].to(torch.float64),
-                       right[:, start:start + step].to(torch.float64).T)
+    if not (_numba_ready(a) and _numba_ready(b) and a[0].dtype == b[0].dtype
+            and out.device.type == "cpu"):
+        _torch_products_into(a, b, out, symmetric=False)
         return
-    out += torch.from_numpy(_products(left, right, symmetric=False)).to(out.device)
+    out += torch.from_numpy(_products(a, b, symmetric=False))
 
 
-def _products(left: Tensor, right: Tensor, *, symmetric: bool) -> np.ndarray:
+def _products(left: list[Tensor], right: list[Tensor], *, symmetric: bool) -> np.ndarray:
     """X Y^T in float64 by the tiled kernel; X = Y when ``symmetric``."""
-    rows, columns = left.shape[0], left.shape[1]
-    xs, x_rows = _flat_rows(left)
-    ys, y_rows = (xs, x_rows) if symmetric else _flat_rows(right)
-    x_tiles, y_tiles = -(-rows // _TILE), -(-right.shape[0] // _TILE)
-    # Rows beyond the last repeat it; their products are computed and dropped.
-    x_rows = _pad_rows(x_rows, x_tiles)
-    y_rows = _pad_rows(y_rows, y_tiles)
+    columns = left[0].numel()
+    xs = _arrays(left)
+    ys = xs if symmetric else _arrays(right)
+    x_rows, y_rows = _tile_rows(len(left)), _tile_rows(len(right))
     spans = -(-columns // _SPAN)
-    partial = np.zeros((spans, x_tiles, y_tiles, _TILE, _TILE))
-    chunk = _chunk(rows + (0 if symmetric else right.shape[0]), left.element_size())
+    partial = np.zeros((spans, len(x_rows) // _TILE, len(y_rows) // _TILE, _TILE, _TILE))
+    chunk = _chunk(len(left) + (0 if symmetric else len(right)), left[0].element_size())
 
     def work(first: int, last: int) -> None:
         _product_spans(xs, x_rows, ys, y_rows, symmetric, columns, first, last, chunk, partial)
 
-    _run(work, spans, (rows + right.shape[0]) * columns)
+    _run(work, spans, (len(left) + len(right)) * columns)
     tiles = partial.sum(axis=0)  # spans in order: independent of the number of threads
-    full = tiles.transpose(0, 2, 1, 3).reshape(x_tiles * _TILE, y_tiles * _TILE)
-    full = full[:rows, :right.shape[0]]
+    full = tiles.transpose(0, 2, 1, 3).reshape(len(x_rows), len(y_rows))
+    full = full[:len(left), :len(right)]
     if symmetric:
         full = np.triu(full) + np.triu(full, 1).T
     return full
 
 
-def _pad_rows(starts: np.ndarray, tiles: int) -> np.ndarray:
-    return np.concatenate([starts, np.full(tiles * _TILE - len(starts), starts[-1],
-                                           dtype=np.int64)])
-
-
-def _torch_gramian_into(block: Tensor, out: Tensor) -> None:
-    part = torch.zeros_like(out)
-    if block.dtype == torch.float64:
-        part.addmm_(block, block.T)
-    else:
-        step = max(256, (1 << 19) // block.shape[0])
-        for start in range(0, block.shape[1], step):
-            chunk = block[:, start:start + step].to(torch.float64)
-            part.addmm_(chunk, chunk.T)
-    out += (part + part.T) / 2  # exactly symmetric, like the compiled kernel's
+def _torch_products_into(left: list[Tensor], right: list[Tensor], out: Tensor, *,
+                         symmetric: bool) -> None:
+    part = torch.zeros(len(left), len(right), dtype=torch.float64, device=out.device)
+    step = max(256, (1 << 19) // max(len(left), len(right)))
+    for start in range(0, left[0].numel(), step):
+        a = torch.stack([row[start:start + step] for row in left]).to(out.device, torch.float64)
+        b = a if symmetric else torch.stack([row[start:start + step] for row in right]).to(
+            out.device, torch.float64)
+        part.addmm_(a, b.T)
+    out += (part + part.T) / 2 if symmetric else part  # exactly symmetric, like the kernel's
 
 
 # -------------------------------------------------------------------------------- combination
-def combine_into(block: Tensor, weights: Tensor, out: Tensor, *, accumulate: bool) -> None:
-    """out (+)= J^T c for a T x n block J, summed in float64 and rounded once into ``out``.
+def combine_into(rows: Rows, weights: Tensor, out: Tensor, *, accumulate: bool) -> None:
+    """out (+)= J^T c for the rows of J, summed in float64 and rounded once into ``out``.
 
     ``out`` holds n elements (any shape, contiguous: e.g. a parameter's ``.grad``);
     ``accumulate`` adds to it, otherwise it is overwritten.
     """
-    rows, columns = block.shape
+    listed = _checked_rows(rows)
+    columns = listed[0].numel()
     flat_out = out.view(-1)
     if columns == 0:
         return
     c = weights.detach().to(device="cpu", dtype=torch.float64).contiguous()
-    if not (_numba_ready(block) and backend(out) == "numba" and out.is_contiguous()):
-        _torch_combine_into(block, c, flat_out, accumulate)
+    if not (_numba_ready(listed) and backend([out]) == "numba" and out.is_contiguous()):
+        _torch_combine_into(listed, c, flat_out, accumulate)
         return
-    flat, starts = _flat_rows(block)
+    xs = _arrays(listed)
     target = flat_out.numpy()
     weights_np = c.numpy()
     chunk = _chunk(1, 8) // 8  # the float64 accumulator of one chunk stays in L1
 
     def work(first: int, last: int) -> None:
-        # Units of 4096 columns, so thread boundaries never split a cache line of ``out``.
-        _combine_range(flat, starts, weights_np, target, first * 4096,
-                       min(columns, last * 4096), chunk, accumulate)
+        # Whole units, so thread boundaries never split a cache line of ``out``.
+        _combine_range(xs, len(listed), weights_np, target, first * _COMBINE_UNIT,
+                       min(columns, last * _COMBINE_UNIT), chunk, accumulate)
 
-    _run(work, -(-columns // 4096), rows * columns)
+    _run(work, -(-columns // _COMBINE_UNIT), len(listed) * columns)
 
 
-def _torch_combine_into(block: Tensor, c: Tensor, flat_out: Tensor, accumulate: bool) -> None:
-    c = c.to(block.device)
-    step = max(256, (1 << 19) // block.shape[0])
-    for start in range(0, block.shape[1], step):
-        part = c @ block[:, start:start + step].to(torch.float64)
+def _torch_combine_into(rows: list[Tensor], c: Tensor, flat_out: Tensor,
+                        accumulate: bool) -> None:
+    c = c.to(flat_out.device)
+    step = max(256, (1 << 19) // len(rows))
+    for start in range(0, rows[0].numel(), step):
+        part = torch.zeros(min(step, rows[0].numel() - start), dtype=torch.float64,
+                           device=flat_out.device)
+        for weight, row in zip(c, rows, strict=True):
+            part += weight * row[start:start + step].to(flat_out.device, torch.float64)
         target = flat_out[start:start + step]
         if accumulate:
             part += target.to(torch.float64)

@@ -43,7 +43,7 @@ _PENDING_WARNING = 32
 # Largest kernel matrix K (N x N float64) the Linear rule builds, in elements.
 _KERNEL_ELEMENTS = 1 << 24
 # Elements of the float64 pieces (or per-task weight gradients) formed at a time: cache-sized.
-_CHUNK_ELEMENTS = 1 << 19
+_CHUNK_ELEMENTS = 1 << 17
 
 
 @dataclass

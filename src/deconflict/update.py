@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidOptionError, NonFiniteError, ShapeError
-from .gramian import combine_block, gramian_of_blocks, rounding_floor
+from .gramian import check_block, combine_block, gramian_of_blocks, rounding_floor
+from .kernels import Rows
 from .linalg import single_threaded_blas
 from .methods.base import Method
 
@@ -47,7 +48,7 @@ class Update:
     block_weights: list[Tensor] | None = None  # r_k (R,) float64 per block
     block_updates: list[Tensor] | None = None  # flat, per block, in each block's dtype
 
-    def write(self, index: int, block: Tensor, out: Tensor, *, accumulate: bool) -> None:
+    def write(self, index: int, block: Rows, out: Tensor, *, accumulate: bool) -> None:
         """Put the update of block ``index`` (Jacobian block ``block``) into ``out``."""
         if self.block_weights is not None:
             combine_block(block, self.block_weights[index], out, accumulate=accumulate)
@@ -58,7 +59,7 @@ class Update:
         else:
             out.copy_(update)
 
-    def materialize(self, blocks: Sequence[Tensor]) -> list[Tensor]:
+    def materialize(self, blocks: Sequence[Rows]) -> list[Tensor]:
         """Each block's update as a new flat tensor in the block's dtype."""
         if self.block_weights is None:
             return list(self.block_updates)
@@ -86,7 +87,7 @@ def split_columns(
 
 def compute_update(
     method: Method,
-    blocks: Sequence[Tensor],
+    blocks: Sequence[Rows],
     names: Sequence[str],
     layers: Sequence[str],
     *,
@@ -105,8 +106,9 @@ def compute_update(
     if kind == "jacobian":
         if losses is None and method.needs_losses:
             raise InvalidOptionError(f"{method!r} needs the losses: pass losses=[L_1, ..., L_T]")
+        stacked = [b if isinstance(b, Tensor) else torch.stack(list(b)) for b in blocks]
         updates, diagnostics = method.combine_jacobian(
-            blocks, losses=None if losses is None else np.asarray(losses, dtype=np.float64),
+            stacked, losses=None if losses is None else np.asarray(losses, dtype=np.float64),
             features=features)
         updates = [u.reshape(-1) for u in updates]
         for update, name in zip(updates, names, strict=True):
@@ -142,12 +144,12 @@ def gramian_weights(
     return c, _checked_row_weights(method, M, r, dtypes), diagnostics
 
 
-def blocks_dtypes(blocks: Sequence[Tensor]) -> list[torch.dtype]:
-    return [block.dtype for block in blocks]
+def blocks_dtypes(blocks: Sequence[Rows]) -> list[torch.dtype]:
+    return [block.dtype if isinstance(block, Tensor) else block[0].dtype for block in blocks]
 
 
 def _block_update(
-    method: Method, blocks: Sequence[Tensor], block_gramians: list[Tensor],
+    method: Method, blocks: Sequence[Rows], block_gramians: list[Tensor],
     layers: Sequence[str], M: Tensor, losses: Any,
 ) -> Update:
     group_of = method.group_blocks(layers)
@@ -192,14 +194,13 @@ def _checked_row_weights(
     return r
 
 
-def raise_non_finite(blocks: Sequence[Tensor], names: Sequence[str], combination: bool) -> None:
+def raise_non_finite(blocks: Sequence[Rows], names: Sequence[str], combination: bool) -> None:
     """Name the first task and block whose gradient holds NaN or infinity."""
     for block, name in zip(blocks, names, strict=True):
-        bad_rows = (~torch.isfinite(block)).any(dim=1)
-        if bool(bad_rows.any()):
-            task = int(torch.nonzero(bad_rows)[0])
-            subject = f"combined loss {task}" if combination else f"loss {task}"
-            raise NonFiniteError(
-                f"the gradient of {subject} with respect to {name} contains NaN or infinity"
-            )
+        for task, row in enumerate(check_block(block)):
+            if not bool(torch.isfinite(row).all()):
+                subject = f"combined loss {task}" if combination else f"loss {task}"
+                raise NonFiniteError(
+                    f"the gradient of {subject} with respect to {name} contains NaN or infinity"
+                )
     raise NonFiniteError("the task gradients are too large: their Gramian overflows float64")

@@ -1,0 +1,101 @@
+"""Aggregation: the update of a given T x d float32 Jacobian, as a multiple of one pass over J.
+
+For T in {3, 10} and d in {1e5, 1e6, 1e7}, each method of deconflict, TorchJD and LibMTL maps the
+same random J to its update; the table gives each median time divided by that of ``J.sum(0)``
+(one pass over J, measured in the same rounds). A Gramian method reads J twice (M = J J^T, then
+J^T c), so about 2 is the floor.
+
+    .venv/bin/python benchmarks/aggregation.py            # the full table (about 15 minutes)
+    .venv/bin/python benchmarks/aggregation.py --quick    # d = 1e4, 1e5 only
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from _harness import compare, parser, save, setup, table
+
+import deconflict
+
+# (label, deconflict name and options, TorchJD class and arguments, LibMTL class and kwargs)
+METHODS: list[tuple[str, tuple[str, dict], tuple[str, dict] | None, tuple[str, dict] | None]] = [
+    ("GradOPS", ("gradops", {}), None, None),
+    ("PCGrad", ("pcgrad", {}), ("PCGrad", {}), ("PCGrad", {})),
+    ("MGDA", ("mgda", {}), ("MGDA", {}), ("MGDA", {"mgda_gn": "none"})),
+    ("IMTL-G", ("imtl_g", {}), ("IMTLG", {}), ("IMTL", {})),
+    ("CAGrad", ("cagrad", {"c": 0.5, "rescale": 1}), ("CAGrad", {"c": 0.5}),
+     ("CAGrad", {"calpha": 0.5, "rescale": 1})),
+    ("UPGrad", ("upgrad", {}), ("UPGrad", {}), None),
+    ("Nash-MTL", ("nash_mtl", {}), ("NashMTL", {"n_tasks": None}), None),
+]
+
+
+def candidates_for(J: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+    """The timed functions and, for libraries that cannot run a method, why."""
+    import torchjd.aggregation as torchjd_aggregation
+    from _libmtl import given_jacobian
+
+    T = J.shape[0]
+    runs: dict[str, Callable[[], Any]] = {"one pass": lambda: J.sum(0)}
+    missing: dict[str, str] = {}
+    for label, (name, options), theirs, libmtl in METHODS:
+        method = deconflict.get(name, **options)
+        runs[f"deconflict {label}"] = lambda m=method: deconflict.aggregate(J, m)
+        if theirs is not None:
+            cls, kwargs = theirs
+            kwargs = {k: (T if v is None else v) for k, v in kwargs.items()}
+            aggregator = getattr(torchjd_aggregation, cls)(**kwargs)
+            runs[f"TorchJD {label}"] = lambda a=aggregator: a(J)
+        if libmtl is not None:
+            cls, kwargs = libmtl
+            weighting = given_jacobian(cls, J)
+            if weighting is None:
+                missing[f"LibMTL {label}"] = "LibMTL not installed (pip install --no-deps LibMTL)"
+            elif cls == "CAGrad" and T != 3:
+                # LibMTL 1.1.5's CAGrad reshapes its weights to (1, 3): three tasks only.
+                missing[f"LibMTL {label}"] = "LibMTL's CAGrad is written for 3 tasks"
+            else:
+                zeros = torch.zeros(T)  # its loss arguments, unused by these methods
+                runs[f"LibMTL {label}"] = (
+                    lambda w=weighting, k=kwargs, z=zeros: w.backward(z, **k))
+    return runs, missing
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    setup(args)
+    sizes = [10_000, 100_000] if args.quick else [100_000, 1_000_000, 10_000_000]
+    rows: list[dict[str, Any]] = []
+    notes: dict[str, str] = {}
+    for T in (3, 10):
+        for d in sizes:
+            J = torch.randn(T, d, generator=torch.Generator().manual_seed(T * d))
+            runs, missing = candidates_for(J)
+            notes.update(missing)
+            # LibMTL takes seconds per call at d = 1e7: fewer rounds keep the run bounded.
+            repeats = args.repeats if d < 10_000_000 else max(3, args.repeats // 2)
+            medians = compare(runs, repeats, args.warmup)
+            base = medians["one pass"]
+            for label, *_ in METHODS:
+                row: dict[str, Any] = {"T": T, "d": d, "method": label,
+                                       "one_pass_ms": base * 1e3}
+                for library in ("deconflict", "TorchJD", "LibMTL"):
+                    key = f"{library} {label}"
+                    seconds = medians.get(key)
+                    row[f"{library}_ms"] = None if seconds is None else seconds * 1e3
+                    row[library] = None if seconds is None else seconds / base
+                rows.append(row)
+            print(f"T={T} d={d:.0e}: one pass {base * 1e3:.2f} ms", flush=True)
+    columns = [("T", "T"), ("d", "d"), ("method", "method"), ("one_pass_ms", "one pass (ms)"),
+               ("deconflict", "deconflict (x pass)"), ("TorchJD", "TorchJD (x pass)"),
+               ("LibMTL", "LibMTL (x pass)")]
+    print(table(rows, columns))
+    for key, why in sorted(notes.items()):
+        print(f"- {key}: {why}")
+    print(f"written: {save('aggregation', args, rows, {'not_run': notes})}")
+
+
+if __name__ == "__main__":
+    main()
