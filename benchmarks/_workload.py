@@ -93,16 +93,25 @@ def step(kind: str, method: str | None, tasks: int, *, widths: tuple[int, ...] =
             else:
                 deconflict.backward(losses, work.trunk, instance, mode=mode)
     elif kind.startswith("gradients:"):
+        # The floor of a mode: its T backward passes, plus what the plain step also does (the
+        # forward pass, the optimizer step on every parameter), nothing else. Every parameter
+        # gets some task's gradient as .grad, without arithmetic, so Adam does its full work.
         mode = kind.split(":", 1)[1]
+        everything = [*params, *work.heads.parameters()]
 
         def run() -> None:
             _, losses = work.forward()
             if mode == "sequential":
                 for k, loss in enumerate(losses):
-                    torch.autograd.grad(loss, params, retain_graph=k < len(losses) - 1)
+                    grads = torch.autograd.grad(loss, everything, retain_graph=k < len(losses) - 1,
+                                                allow_unused=True)
             else:
-                torch.autograd.grad(torch.stack(losses), params, torch.eye(len(losses)),
-                                    is_grads_batched=True)
+                batched = torch.autograd.grad(torch.stack(losses), everything,
+                                              torch.eye(len(losses)), is_grads_batched=True,
+                                              allow_unused=True)
+                grads = [None if g is None else g[0] for g in batched]
+            for p, g in zip(everything, grads, strict=True):
+                p.grad = torch.zeros_like(p) if g is None else g
     elif kind.startswith("torchjd"):
         import torchjd.aggregation as aggregation
         from torchjd.autojac import jac_to_grad, mtl_backward

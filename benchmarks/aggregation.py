@@ -7,6 +7,8 @@ J^T c), so about 2 is the floor.
 
     .venv/bin/python benchmarks/aggregation.py            # the full table (about 15 minutes)
     .venv/bin/python benchmarks/aggregation.py --quick    # d = 1e4, 1e5 only
+    .venv/bin/python benchmarks/aggregation.py --tasks 10 --dims 1e7 --libraries deconflict \
+        --repeats 21                                      # one size, more rounds
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ METHODS: list[tuple[str, tuple[str, dict], tuple[str, dict] | None, tuple[str, d
 ]
 
 
-def candidates_for(J: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+LIBRARIES = ("deconflict", "TorchJD", "LibMTL")
+
+
+def candidates_for(
+    J: torch.Tensor, libraries: tuple[str, ...] = LIBRARIES
+) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
     """The timed functions and, for libraries that cannot run a method, why."""
     import torchjd.aggregation as torchjd_aggregation
     from _libmtl import given_jacobian
@@ -43,12 +50,12 @@ def candidates_for(J: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], dict[
     for label, (name, options), theirs, libmtl in METHODS:
         method = deconflict.get(name, **options)
         runs[f"deconflict {label}"] = lambda m=method: deconflict.aggregate(J, m)
-        if theirs is not None:
+        if theirs is not None and "TorchJD" in libraries:
             cls, kwargs = theirs
             kwargs = {k: (T if v is None else v) for k, v in kwargs.items()}
             aggregator = getattr(torchjd_aggregation, cls)(**kwargs)
             runs[f"TorchJD {label}"] = lambda a=aggregator: a(J)
-        if libmtl is not None:
+        if libmtl is not None and "LibMTL" in libraries:
             cls, kwargs = libmtl
             weighting = given_jacobian(cls, J)
             if weighting is None:
@@ -64,18 +71,28 @@ def candidates_for(J: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], dict[
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--tasks", type=int, nargs="+", default=[3, 10], help="T values (3 10)")
+    p.add_argument("--dims", type=float, nargs="+", default=None,
+                   help="d values (default 1e5 1e6 1e7; --quick: 1e4 1e5)")
+    p.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES),
+                   help="libraries to compare (default all)")
+    args = p.parse_args()
     setup(args)
-    sizes = [10_000, 100_000] if args.quick else [100_000, 1_000_000, 10_000_000]
+    if args.dims is not None:
+        sizes = [int(d) for d in args.dims]
+    else:
+        sizes = [10_000, 100_000] if args.quick else [100_000, 1_000_000, 10_000_000]
     rows: list[dict[str, Any]] = []
     notes: dict[str, str] = {}
-    for T in (3, 10):
+    for T in args.tasks:
         for d in sizes:
             J = torch.randn(T, d, generator=torch.Generator().manual_seed(T * d))
-            runs, missing = candidates_for(J)
+            runs, missing = candidates_for(J, tuple(args.libraries))
             notes.update(missing)
             # LibMTL takes seconds per call at d = 1e7: fewer rounds keep the run bounded.
-            repeats = args.repeats if d < 10_000_000 else max(3, args.repeats // 2)
+            slow = "LibMTL" in args.libraries and d >= 10_000_000
+            repeats = max(3, args.repeats // 2) if slow else args.repeats
             medians = compare(runs, repeats, args.warmup)
             base = medians["one pass"]
             for label, *_ in METHODS:

@@ -5,8 +5,9 @@ For T in {3, 10} and each method, every variant runs in the same interleaved rou
 
 - plain: ``sum(losses).backward()``, the cost without any gradient method;
 - deconflict sequential / batched / gramian / features (representation mode);
-- gradients-only floors: the per-task gradients of the sequential and batched modes, nothing else;
-  the method's own overhead is (mode - floor) / mode;
+- floors: the forward pass, the T backward passes of the sequential or batched mode and the
+  optimizer step, without Gramian, method or combination; the method's own overhead (Gramian,
+  weights, J^T c into .grad, checks) is (mode - floor) / mode;
 - TorchJD ``mtl_backward`` + ``jac_to_grad`` (and with ``optimize_gramian_computation``);
 - LibMTL's weighting ``backward`` as its trainer calls it.
 

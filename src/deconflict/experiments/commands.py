@@ -142,7 +142,7 @@ def command_sweep(args: argparse.Namespace, extra: Sequence[str]) -> int:
                       f"{problem.name}: {name} over {option}", pair)
     lines = [f"# {problem.name}: {name} swept over {option}", "",
              f"Command: `{args.command_line}`", "",
-             f"Data: {next(iter(records.values()))[0]['note']}", "",
+             f"Data: {next(iter(records.values()))[0]['note'] or 'generated in code'}", "",
              "| " + option + " | " + " | ".join(m.name for m in metrics) + " | front |",
              "|" + "---|" * (len(metrics) + 2)]
     for k, (value, row) in enumerate(zip(result.values, result.means, strict=True)):

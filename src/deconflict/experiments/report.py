@@ -124,7 +124,7 @@ def compare_markdown(problem: Problem, config: Mapping[str, Any], rows: Sequence
         "conflicts with any original one (strong) / where the update conflicts with no task "
         "(weak).",
         "",
-        f"Data: {note}",
+        f"Data: {note or 'generated in code, no data files'}",
         "",
         f"Command: `{command}`",
         "",
