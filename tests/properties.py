@@ -101,3 +101,14 @@ def assert_min_norm_optimal(M, w, rtol: float = 1e-9) -> None:
 def update(method, J: np.ndarray, **context) -> np.ndarray:
     """deconflict.aggregate in float64, as an array."""
     return as_array(deconflict.aggregate(torch.from_numpy(J), method, **context))
+
+
+def manual_jacobian(losses, params) -> torch.Tensor:
+    """The T x d Jacobian by one autograd.grad per loss (zeros where a loss misses a parameter):
+    the reference the engine's modes are checked against."""
+    rows = []
+    for loss in losses:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                               for p, g in zip(params, grads, strict=True)]))
+    return torch.stack(rows)

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from properties import manual_jacobian
 from torch import nn
 
 import deconflict
@@ -38,15 +39,6 @@ def make(seed: int = 0, dtype: torch.dtype = torch.float64):
 def task_losses(net: Net, x: torch.Tensor, y: torch.Tensor):
     z, outputs = net(x)
     return z, [((out - y[:, t]) ** 2).mean() for t, out in enumerate(outputs)]
-
-
-def manual_jacobian(losses, params):
-    rows = []
-    for loss in losses:
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                               for p, g in zip(params, grads, strict=True)]))
-    return torch.stack(rows)
 
 
 def grads_of(params):

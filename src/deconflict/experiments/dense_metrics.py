@@ -56,6 +56,17 @@ def _batch_shape(name: str, tensor: Tensor, channels: int) -> None:
         raise ShapeError(f"{name} must be B x {channels} x H x W, got {tuple(tensor.shape)}")
 
 
+def _paired_float64(name: str, prediction: Tensor, target: Tensor,
+                    channels: int) -> tuple[Tensor, Tensor]:
+    """Prediction and target (B x channels x H x W, same shape) as float64 CPU tensors."""
+    _batch_shape(name, prediction, channels)
+    if prediction.shape != target.shape:
+        raise ShapeError(f"{name} {tuple(prediction.shape)} and target "
+                         f"{tuple(target.shape)} differ in shape")
+    return (prediction.detach().to("cpu", torch.float64),
+            target.detach().to("cpu", torch.float64))
+
+
 class SegmentationAccumulator:
     """Confusion matrix over batches; ``update`` takes logits B x C x H x W or labels B x H x W."""
 
@@ -105,12 +116,7 @@ class DepthAccumulator:
         self.count = 0
 
     def update(self, prediction: Tensor, target: Tensor) -> None:
-        _batch_shape("depth prediction", prediction, 1)
-        if prediction.shape != target.shape:
-            raise ShapeError(f"depth prediction {tuple(prediction.shape)} and target "
-                             f"{tuple(target.shape)} differ in shape")
-        prediction = prediction.detach().to("cpu", torch.float64)
-        target = target.detach().to("cpu", torch.float64)
+        prediction, target = _paired_float64("depth prediction", prediction, target, 1)
         valid = target != 0
         error = (prediction[valid] - target[valid]).abs()
         self.absolute += float(error.sum())
@@ -127,12 +133,7 @@ class DepthAccumulator:
 def normal_angles(prediction: Tensor, target: Tensor) -> Tensor:
     """Angles in degrees between predicted and true normals (B x 3 x H x W each) at the pixels
     whose true normal is nonzero, as a flat float64 tensor."""
-    _batch_shape("normal prediction", prediction, 3)
-    if prediction.shape != target.shape:
-        raise ShapeError(f"normal prediction {tuple(prediction.shape)} and target "
-                         f"{tuple(target.shape)} differ in shape")
-    prediction = prediction.detach().to("cpu", torch.float64)
-    target = target.detach().to("cpu", torch.float64)
+    prediction, target = _paired_float64("normal prediction", prediction, target, 3)
     valid = (target != 0).any(dim=1)
     p = prediction.permute(0, 2, 3, 1)[valid]
     t = target.permute(0, 2, 3, 1)[valid]
