@@ -10,8 +10,8 @@ import torch
 from test_experiment_data import census_rows, write_census, write_mnist
 
 import deconflict
+from deconflict.diagnostics import ConflictMonitor
 from deconflict.experiments.problems import PROBLEMS, get_problem
-from deconflict.experiments.problems.base import ConflictStatistics
 
 CPU = torch.device("cpu")
 
@@ -112,19 +112,21 @@ def test_every_problem_declares_its_configs_and_metrics():
             assert metrics and all(m.task in (*problem.tasks(config), "all") for m in metrics)
 
 
-def test_conflict_statistics_by_hand():
-    """Two steps: one with gradients (1, 0) and (-1, 1) conflicting and an update J^T (1, 1)
-    = (0, 1), which conflicts with nobody (weak) while the pair does conflict (not strong);
-    one without conflict."""
-    stats = ConflictStatistics()
-    M = torch.tensor([[1.0, -1.0], [-1.0, 2.0]], dtype=torch.float64)
-    record = deconflict.StepRecord(weights=torch.ones(2, dtype=torch.float64),
-                                   losses=torch.ones(2), gramian=M)
-    stats.observe(record)
-    stats.observe(deconflict.StepRecord(weights=torch.ones(2, dtype=torch.float64),
-                                        losses=torch.ones(2),
-                                        gramian=torch.eye(2, dtype=torch.float64)))
-    summary = stats.summary()
+def test_conflict_summary_by_hand():
+    """Two steps of plain summation (c = 1): one with gradients (1, 0) and (-1, 1) conflicting
+    and an update J^T (1, 1) = (0, 1), which conflicts with nobody (weak) while the pair does
+    conflict (not strong: the modified gradients c_i g_i are the originals); one without
+    conflict."""
+    monitor = ConflictMonitor(deconflict.Sum())
+    c = torch.ones(2, dtype=torch.float64)
+    for M in (torch.tensor([[1.0, -1.0], [-1.0, 2.0]], dtype=torch.float64),
+              torch.eye(2, dtype=torch.float64)):
+        monitor.observe(deconflict.StepRecord(weights=c, losses=torch.ones(2), gramian=M,
+                                              update_products=M @ c,
+                                              update_sq_norm=float(c @ M @ c)))
+    summary = monitor.summary()
     assert summary["weak_non_conflict_fraction"] == 1.0
     assert summary["strong_non_conflict_fraction"] == 0.5
     assert summary["mean_conflicting_pairs"] == 0.5
+
+

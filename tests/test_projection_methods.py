@@ -30,7 +30,7 @@ def test_upgrad_golden_two_tasks():
 def test_upgrad_projections_lie_in_the_dual_cone(J):
     """Each projected gradient J^T v_i satisfies J (J^T v_i) >= 0 and v_i >= p_i e_i."""
     _, diagnostics = deconflict.UPGrad().weights_with_diagnostics(J @ J.T)
-    V = diagnostics["projections"].numpy()
+    V = diagnostics["projection_coefficients"].numpy()
     T = J.shape[0]
     M = J @ J.T
     assert (V >= np.eye(T) / T - 1e-15).all()

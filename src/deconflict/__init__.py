@@ -15,6 +15,7 @@ of the shared parameters is J^T c. ``deconflict.get(name, **options)`` builds an
 from importlib.metadata import PackageNotFoundError, version
 
 from .aggregate import aggregate
+from .diagnostics import ConflictMonitor, StepConflicts, step_conflicts
 from .engine import StepRecord, backward
 from .errors import (
     DataFormatError,
@@ -26,6 +27,7 @@ from .errors import (
     NonFiniteError,
     ShapeError,
     UnknownMethodError,
+    UnsupportedModelError,
 )
 from .gramian import combine, gramian
 from .methods import (
@@ -76,6 +78,7 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "CAGradFast",
+    "ConflictMonitor",
     "DataFormatError",
     "DataNotFoundError",
     "DeconflictError",
@@ -94,12 +97,14 @@ __all__ = [
     "NonFiniteError",
     "PCGrad",
     "ShapeError",
+    "StepConflicts",
     "StepRecord",
     "Sum",
     "Tensioner",
     "UPGrad",
     "UncertaintyWeighting",
     "UnknownMethodError",
+    "UnsupportedModelError",
     "__version__",
     "aggregate",
     "available",
@@ -107,5 +112,6 @@ __all__ = [
     "combine",
     "get",
     "gramian",
+    "step_conflicts",
     "track",
 ]

@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--pair", default=None,
                        help="the two task metrics of the scatter plot, e.g. auc_income,auc_marital")
     sweep.set_defaults(handler=experiment.command_sweep, takes_extra=True)
+
+    from .experiments.conflict_commands import add_commands
+
+    add_commands(commands)
     return parser
 
 

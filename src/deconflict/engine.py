@@ -65,7 +65,12 @@ class StepRecord:
       ``combinations`` (CAGrad-Fast), the Gramian of the combined losses A L instead;
     - ``diagnostics``: the method's own (see its docstring);
     - ``mode``: "sequential", "batched", "gramian", or "losses" (one weighted backward pass);
-    - ``features``: whether the gradients were taken w.r.t. the shared features.
+    - ``features``: whether the gradients were taken w.r.t. the shared features;
+    - ``layer_gramians``: each shared layer's Gramian M^(k) (a module's weight and bias
+      together; M = sum_k M^(k)), keyed by the module's name; empty without a Gramian;
+    - ``update_products``: J D, each differentiated row's gradient dotted with the shared update
+      D (None without a Gramian); ``update_sq_norm``: ||D||^2.
+    Conflict diagnostics (``deconflict.diagnostics``) are computed from these, at O(T^2) cost.
     """
 
     weights: Tensor | None
@@ -75,6 +80,9 @@ class StepRecord:
     mode: str = "sequential"
     combinations: Tensor | None = None
     features: bool = False
+    layer_gramians: dict[str, Tensor] = field(default_factory=dict)
+    update_products: Tensor | None = None
+    update_sq_norm: float | None = None
 
     @property
     def conflicting_pairs(self) -> list[tuple[int, int]]:
@@ -311,7 +319,8 @@ def _gradient_backward(
     return StepRecord(
         weights=c, losses=loss_values, gramian=update.gramian, diagnostics=update.diagnostics,
         mode=mode, combinations=None if A is None else torch.from_numpy(A),
-        features=features is not None,
+        features=features is not None, layer_gramians=update.layer_gramians,
+        update_products=update.row_products, update_sq_norm=update.update_sq_norm,
     )
 
 
@@ -340,7 +349,7 @@ def _gramian_backward(
         for k, row in enumerate(rows):
             if not _reaches(row, shared_ids, set()):
                 raise _disconnected(k, False, combination=A is not None)
-        M, covered = tracked_gramian(tracker, rows, shared, chunk_size)
+        M, covered, by_layer = tracked_gramian(tracker, rows, shared, chunk_size)
         missing = [name for name, p, _ in shared if any(p is q for q in reached)
                    and id(p) not in covered]
         if missing:
@@ -362,7 +371,8 @@ def _gramian_backward(
     _accumulate(reached, shared_grads)
     return StepRecord(
         weights=c, losses=loss_values, gramian=M, diagnostics=diagnostics, mode="gramian",
-        combinations=None if A is None else torch.from_numpy(A),
+        combinations=None if A is None else torch.from_numpy(A), layer_gramians=by_layer,
+        update_products=M @ r, update_sq_norm=float(r @ M @ r),
     )
 
 

@@ -42,3 +42,7 @@ class DataFormatError(DeconflictError, ValueError):
 
 class DataNotFoundError(DeconflictError, FileNotFoundError):
     """A dataset's files are not where the path or DECONFLICT_DATA points."""
+
+
+class UnsupportedModelError(DeconflictError, ValueError):
+    """A model cannot be handled as asked (untraceable forward, a layer that cannot be split)."""

@@ -184,10 +184,11 @@ def _tensors(value: Any) -> list[Tensor]:
 def tracked_gramian(
     tracker: LayerTracker, rows: Sequence[Tensor], shared: Sequence[tuple[str, Tensor, str]],
     chunk_size: int | None,
-) -> tuple[Tensor, set[int]]:
+) -> tuple[Tensor, set[int], dict[str, Tensor]]:
     """M (R x R float64) of the rows' gradients w.r.t. the shared parameters, from the records.
 
-    Returns M and the ids of the shared parameters some row reaches.
+    Returns M, the ids of the shared parameters some row reaches, and each layer's share of M
+    (keyed by the layer of its parameters, as ``update.layer_gramians``).
     """
     calls = tracker.calls
     R = len(rows)
@@ -235,6 +236,8 @@ def tracked_gramian(
 
     shared_ids = {id(p) for _, p, _ in shared}
     names = {id(p): name for name, p, _ in shared}
+    layer_of = {id(p): layer for _, p, layer in shared}
+    by_layer: dict[str, Tensor] = {}
     M = torch.zeros(R, R, dtype=torch.float64)
     reached: set[int] = set()
     by_module: dict[int, list[int]] = {}
@@ -263,6 +266,7 @@ def tracked_gramian(
                 f"the gradient of a loss with respect to the parameters of {calls[indices[0]].name}"
                 " contains NaN or infinity")
         M += part
+        _add_layer(by_layer, layer_of[id(own[0])], part)
         reached.update(id(p) for p in own)
     for pid, block in pending.items():
         part = torch.zeros(R, R, dtype=torch.float64)
@@ -271,7 +275,12 @@ def tracked_gramian(
             raise NonFiniteError(f"the gradient of a loss with respect to shared parameter "
                                  f"{names[pid]} contains NaN or infinity")
         M += part
-    return M, reached
+        _add_layer(by_layer, layer_of[pid], part)
+    return M, reached, by_layer
+
+
+def _add_layer(by_layer: dict[str, Tensor], layer: str, part: Tensor) -> None:
+    by_layer[layer] = by_layer[layer] + part if layer in by_layer else part.clone()
 
 
 def _linear_gramian(

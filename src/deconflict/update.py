@@ -47,6 +47,9 @@ class Update:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     block_weights: list[Tensor] | None = None  # r_k (R,) float64 per block
     block_updates: list[Tensor] | None = None  # flat, per block, in each block's dtype
+    layer_gramians: dict[str, Tensor] = field(default_factory=dict)  # layer -> R x R float64
+    row_products: Tensor | None = None  # J D (R,) float64: each row's gradient . the update
+    update_sq_norm: float | None = None  # ||D||^2
 
     def write(self, index: int, block: Rows, out: Tensor, *, accumulate: bool) -> None:
         """Put the update of block ``index`` (Jacobian block ``block``) into ``out``."""
@@ -100,9 +103,10 @@ def compute_update(
     M = torch.stack(block_gramians).sum(dim=0)
     if not bool(torch.isfinite(M).all()):
         raise_non_finite(blocks, names, combination=combinations is not None)
+    by_layer = layer_gramians(block_gramians, layers)
     kind = method.kind
     if kind == "block_gramians":
-        return _block_update(method, blocks, block_gramians, layers, M, losses)
+        return _block_update(method, blocks, block_gramians, layers, M, losses, by_layer)
     if kind == "jacobian":
         if losses is None and method.needs_losses:
             raise InvalidOptionError(f"{method!r} needs the losses: pass losses=[L_1, ..., L_T]")
@@ -115,7 +119,13 @@ def compute_update(
             if not bool(torch.isfinite(update).all()):
                 raise NonFiniteError(f"the update of {method.name} for {name} contains NaN or "
                                      "infinity")
-        return Update(M.cpu(), None, diagnostics, block_updates=updates)
+        # J D and ||D||^2 block by block, for the conflict diagnostics: O(T d), beside the
+        # O(T^2 d) of the Gramian.
+        products = sum(J.to(u.dtype) @ u for J, u in zip(stacked, updates, strict=True)).cpu()
+        sq_norm = float(sum(torch.dot(u, u).item() for u in updates))
+        return Update(M.cpu(), None, diagnostics, block_updates=updates,
+                      layer_gramians=by_layer, row_products=products.to(torch.float64),
+                      update_sq_norm=sq_norm)
 
     scoped = M
     if kind == "losses" and method.gradient_scope == "last_layer":
@@ -123,7 +133,22 @@ def compute_update(
         scoped = torch.stack([block_gramians[k] for k in last]).sum(dim=0)
     c, r, diagnostics = gramian_weights(method, M, blocks_dtypes(blocks), losses=losses,
                                         combinations=combinations, scoped=scoped)
-    return Update(M.cpu(), c, diagnostics, block_weights=[r] * len(blocks))
+    M = M.cpu()
+    return Update(M, c, diagnostics, block_weights=[r] * len(blocks), layer_gramians=by_layer,
+                  row_products=M @ r, update_sq_norm=float(r @ M @ r))
+
+
+def layer_gramians(block_gramians: Sequence[Tensor], layers: Sequence[str]) -> dict[str, Tensor]:
+    """The Gramian of each layer's blocks (M^(k) = sum of its blocks' Gramians), in layer order.
+
+    Blocks of one module share a layer key, so a layer's Gramian is over its weight and bias
+    together: the unit Recon scores (EXPERIMENTS.md Section 6).
+    """
+    by_layer: dict[str, Tensor] = {}
+    for gramian, layer in zip(block_gramians, layers, strict=True):
+        gramian = gramian.cpu()
+        by_layer[layer] = by_layer[layer] + gramian if layer in by_layer else gramian
+    return by_layer
 
 
 def gramian_weights(
@@ -150,7 +175,7 @@ def blocks_dtypes(blocks: Sequence[Rows]) -> list[torch.dtype]:
 
 def _block_update(
     method: Method, blocks: Sequence[Rows], block_gramians: list[Tensor],
-    layers: Sequence[str], M: Tensor, losses: Any,
+    layers: Sequence[str], M: Tensor, losses: Any, by_layer: dict[str, Tensor],
 ) -> Update:
     group_of = method.group_blocks(layers)
     count = max(group_of) + 1
@@ -169,7 +194,11 @@ def _block_update(
         rows.append(_checked_row_weights(method, gramians[group], C[group],
                                          blocks_dtypes(members)))
     diagnostics = {**diagnostics, "block_weights": C, "groups": torch.tensor(group_of)}
-    return Update(M.cpu(), None, diagnostics, block_weights=[rows[g] for g in group_of])
+    # J D = sum over groups of M^(g) r^(g): the group Gramians already hold every block.
+    products = sum(gramians[g] @ rows[g] for g in range(count))
+    sq_norm = float(sum(rows[g] @ gramians[g] @ rows[g] for g in range(count)))
+    return Update(M.cpu(), None, diagnostics, block_weights=[rows[g] for g in group_of],
+                  layer_gramians=by_layer, row_products=products, update_sq_norm=sq_norm)
 
 
 def _checked_row_weights(

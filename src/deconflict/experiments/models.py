@@ -28,6 +28,8 @@ def mlp(sizes: Sequence[int], dropout: float = 0.0, last_activation: bool = True
 class SharedBottom(MultiTaskModel):
     """Hard parameter sharing: a shared MLP trunk, one linear head per task."""
 
+    supports_branching = True
+
     def __init__(self, inputs: int, hidden: Sequence[int], outputs: Mapping[str, int],
                  dropout: float = 0.0) -> None:
         super().__init__()
@@ -36,7 +38,9 @@ class SharedBottom(MultiTaskModel):
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         z = self.shared(x)
-        return z, {task: head(z) for task, head in self.heads.items()}
+        streams = self.task_streams(z, len(self.heads))
+        return z, {task: head(h) for (task, head), h in zip(self.heads.items(), streams,
+                                                            strict=True)}
 
 
 class MMoE(MultiTaskModel):
@@ -84,6 +88,8 @@ class TwoDigitModel(MultiTaskModel):
     classification task (log-probabilities) and an MLP decoder per reconstruction task
     (sigmoid pixels)."""
 
+    supports_branching = True
+
     def __init__(self, size: int, latent: int, tasks: Mapping[str, tuple[str, int]]) -> None:
         super().__init__()
         self.shared = ConvEncoder(size, latent)
@@ -98,4 +104,6 @@ class TwoDigitModel(MultiTaskModel):
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         z = self.shared(x)
-        return z, {task: head(z) for task, head in self.heads.items()}
+        streams = self.task_streams(z, len(self.heads))
+        return z, {task: head(h) for (task, head), h in zip(self.heads.items(), streams,
+                                                            strict=True)}

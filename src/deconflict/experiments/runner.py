@@ -35,7 +35,7 @@ from ..errors import InvalidOptionError
 from ..io import write_json
 from ..methods.registry import get, method_class
 from .problems import get_problem
-from .problems.base import Problem
+from .problems.base import Problem, essential_config
 
 SINGLE_TASK = "single_task"
 
@@ -105,8 +105,12 @@ def _slug(label: str) -> str:
 
 
 def config_key(config: Mapping[str, Any]) -> str:
-    """A short hash of a configuration: runs of other settings live beside each other."""
-    text = json.dumps(_clean(dict(config)), sort_keys=True)
+    """A short hash of a configuration: runs of other settings live beside each other.
+
+    Settings at their neutral value (``NEUTRAL_SETTINGS``) do not count, so adding one to the
+    problems left the earlier runs' keys unchanged.
+    """
+    text = json.dumps(_clean(essential_config(config)), sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
@@ -140,7 +144,8 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
     path = run_path(Path(out), problem, spec, seed, config)
     if path.is_file() and not force:
         record = json.loads(path.read_text())
-        if record.get("config") == config and record.get("options") == _clean(spec.options):
+        if (essential_config(record.get("config") or {}) == essential_config(config)
+                and record.get("options") == _clean(spec.options)):
             return record
     started = time.perf_counter()
     if spec.name == SINGLE_TASK:

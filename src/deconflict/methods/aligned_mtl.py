@@ -60,6 +60,10 @@ class AlignedMTL(Method):
              "CVPR 2023")
     family = "multi-objective"
 
+    @property
+    def scales_task_gradients(self) -> bool:
+        return False  # the update is built from modified gradients, not reported per task
+
     def __init__(
         self, scale_mode: Literal["min", "median", "rmse"] = "min",
         pref_vector: Sequence[float] | None = None, rtol: float | None = None,

@@ -90,6 +90,16 @@ class Method(ABC):
         """Whether the method requires the ``losses`` context."""
         return False
 
+    @property
+    def scales_task_gradients(self) -> bool:
+        """Whether task i's part of the update is c_i g_i (its gradient only scaled).
+
+        Then the "modified gradients" of the conflict diagnostics are the c_i g_i. Methods that
+        change directions (projections, alignment, moving averages) say False, and report their
+        modified gradients as ``projection_coefficients`` where they have them.
+        """
+        return self.family != "projection"
+
     # ----------------------------------------------------------------------------- public API
     def weights(self, gramian: Any = None, *, losses: Any = None, **context: Any) -> Tensor:
         """Task weights c (T,) float64 such that the update is J^T c."""

@@ -41,6 +41,10 @@ class DBMTL(Method):
     family = "loss weighting"
     stateful = True
 
+    @property
+    def scales_task_gradients(self) -> bool:
+        return False  # the update is built from modified gradients, not reported per task
+
     def __init__(self, beta: float = 0.9, sigma: float = 0.0, eps: float = 1e-8) -> None:
         self.beta = bounded_option(self.name, "beta", beta, 0.0, 1.0)
         self.sigma = bounded_option(self.name, "sigma", sigma, 0.0)

@@ -54,7 +54,8 @@ class UPGrad(Method):
     """UPGrad (Jacobian Descent, TorchJD); see the module docstring.
 
     Options: ``pref_vector`` (default 1/T each), ``reg_eps`` (default 0, TorchJD 1e-4).
-    Diagnostics: ``projections`` (row i: v*(p_i e_i), so g_i projected is J^T row).
+    Diagnostics: ``projection_coefficients`` (row i: v*(p_i e_i), so g_i projected onto the dual
+    cone is J^T row).
     """
 
     name = "upgrad"
@@ -73,4 +74,4 @@ class UPGrad(Method):
         assert M is not None
         pref = preference_weights(self.name, self.pref_vector, M.shape[0])
         projections = dual_cone_weights(M, np.diag(pref), self.reg_eps)
-        return projections.sum(axis=0), {"projections": projections}
+        return projections.sum(axis=0), {"projection_coefficients": projections}

@@ -21,16 +21,27 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ...engine import StepRecord, backward
+from ...diagnostics import ConflictMonitor
+from ...engine import backward
 from ...errors import InvalidOptionError
 from ...methods.base import Method
 
 MethodFactory = Callable[[], Method]
+
+# Settings every supervised problem accepts beside its own. At these values a run is what it
+# was before they existed, so they are left out of a configuration's identity
+# (``essential_config``) and earlier run records stay valid.
+NEUTRAL_SETTINGS: dict[str, Any] = {"branch": [], "measure_conflicts": False}
+
+
+def essential_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` without the ``NEUTRAL_SETTINGS`` that are at their neutral value."""
+    return {key: value for key, value in config.items()
+            if not (key in NEUTRAL_SETTINGS and value == NEUTRAL_SETTINGS[key])}
 
 
 @dataclass(frozen=True)
@@ -49,71 +60,6 @@ class TrainResult:
     metrics: dict[str, dict[str, float]]  # split ("validation", "test") -> metric -> value
     statistics: dict[str, Any] = field(default_factory=dict)
     note: str = ""
-
-
-class ConflictStatistics:
-    """Per-step conflict measurements from the engine's StepRecords (cheap: T x T only).
-
-    - weak non-conflict: the update does not conflict with any task gradient, (M c)_j >= 0;
-    - strong non-conflict: no modified gradient conflicts with any original one (the
-      ``projection_coefficients`` rows C when the method reports them: (C M) >= 0), else no
-      pair of original gradients conflicts;
-    - the mean number of conflicting pairs, and GradOPS's mean r per task (r > 1: dominating).
-    A relative tolerance of 1e-8 absorbs rounding.
-    """
-
-    TOLERANCE = 1e-8
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.with_gramian = 0
-        self.weak = 0
-        self.strong = 0
-        self.pairs = 0.0
-        self.r_sum: np.ndarray | None = None
-        self.r_steps = 0
-
-    def observe(self, record: StepRecord) -> None:
-        self.steps += 1
-        if record.gramian is None or record.combinations is not None:
-            return
-        M = record.gramian.numpy()
-        norms = np.sqrt(np.maximum(np.diag(M), 0.0))
-        scale = np.outer(norms, norms)
-        self.with_gramian += 1
-        off = ~np.eye(len(M), dtype=bool)
-        conflicts = (M < -self.TOLERANCE * scale) & off
-        self.pairs += conflicts.sum() / 2
-        if record.weights is not None:
-            c = record.weights.numpy()
-            update_norm = math.sqrt(max(float(c @ M @ c), 0.0))
-            self.weak += bool(np.all(M @ c >= -self.TOLERANCE * norms * update_norm))
-        C = record.diagnostics.get("projection_coefficients")
-        if C is not None and C.ndim == 2:
-            C = C.numpy()
-            modified = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", C, M, C), 0.0))
-            self.strong += bool(np.all(C @ M >= -self.TOLERANCE * np.outer(modified, norms)))
-        else:
-            self.strong += not conflicts.any()
-        r = record.diagnostics.get("r")
-        if r is not None:
-            r = r.numpy()
-            self.r_sum = r if self.r_sum is None else self.r_sum + r
-            self.r_steps += 1
-
-    def summary(self) -> dict[str, Any]:
-        if self.with_gramian == 0:
-            return {"steps": self.steps, "measured_steps": 0}
-        result: dict[str, Any] = {
-            "steps": self.steps,
-            "measured_steps": self.with_gramian,
-            "strong_non_conflict_fraction": self.strong / self.with_gramian,
-            "weak_non_conflict_fraction": self.weak / self.with_gramian,
-            "mean_conflicting_pairs": self.pairs / self.with_gramian,
-        }
-        if self.r_sum is not None:
-            result["mean_r"] = (self.r_sum / self.r_steps).tolist()
-        return result
 
 
 class Problem(ABC):
@@ -166,9 +112,27 @@ class MultiTaskModel(nn.Module):
     """
 
     shared: nn.Module
+    # Whether ``shared`` is one trunk module called once whose layers ``recon.branch`` may
+    # split; such a model's forward must accept the per-task streams (``task_streams``).
+    supports_branching: bool = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover
         raise NotImplementedError
+
+    def shared_parameters(self) -> list[tuple[str, Tensor]]:
+        """The parameters every task shares (without the branched copies after Recon)."""
+        from ...recon import BranchedModule
+
+        if isinstance(self.shared, BranchedModule):
+            return list(self.shared.shared_parameters())
+        return list(self.shared.named_parameters())
+
+    def task_streams(self, z: Any, count: int) -> list[Any]:
+        """The trunk's output for each of ``count`` tasks: its per-task streams once Recon
+        branched it, else the one shared representation ``count`` times."""
+        from ...recon import BranchedModule
+
+        return list(z) if isinstance(self.shared, BranchedModule) else [z] * count
 
 
 @dataclass(frozen=True)
@@ -203,8 +167,23 @@ class SupervisedProblem(Problem):
 
     Common settings: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``representation``
     (pass the shared features to ``deconflict.backward``), ``data`` (a directory, else
-    $DECONFLICT_DATA).
+    $DECONFLICT_DATA), and the ``NEUTRAL_SETTINGS``: ``branch`` (Recon: shared layers made
+    task-specific with ``recon.branch``, re-initialized per task; only the still-shared
+    parameters go to the method) and ``measure_conflicts`` (per-task gradients even for
+    loss-weighting methods, so that their conflicts are measured; slower).
     """
+
+    def resolve_config(self, overrides: Mapping[str, Any] | None = None,
+                       smoke: bool = False) -> dict[str, Any]:
+        base = super().resolve_config(None, smoke)
+        defaults = {**NEUTRAL_SETTINGS, **base}
+        unknown = [key for key in (overrides or {}) if key not in defaults]
+        if unknown:
+            raise InvalidOptionError(
+                f"{self.name} has no setting {unknown[0]!r}; its settings are: "
+                f"{', '.join(sorted(defaults))}"
+            )
+        return {**defaults, **(overrides or {})}
 
     @abstractmethod
     def load(self, config: Mapping[str, Any]) -> Data:
@@ -225,19 +204,41 @@ class SupervisedProblem(Problem):
                  config: Mapping[str, Any]) -> dict[str, float]:
         """The metrics of ``tasks`` on a split (model in eval mode, no gradients)."""
 
+    def model_for(self, config: Mapping[str, Any], tasks: Sequence[str], data: Data,
+                  seed: int) -> MultiTaskModel:
+        """A fresh model (seeded), with the ``branch`` layers made task-specific (Recon)."""
+        torch.manual_seed(seed)
+        model = self.build_model(config, tasks, data)
+        layers = list(config.get("branch") or [])
+        if layers:
+            if not model.supports_branching:
+                raise InvalidOptionError(
+                    f"{self.name}: the {type(model).__name__} model has no single shared trunk "
+                    "module whose layers Recon could branch"
+                )
+            from ...recon import branch
+
+            model.shared = branch(model.shared, layers, len(tasks))
+            model.shared.reset_branches()  # Recon retrains from scratch: copies start apart
+        return model
+
     def train(self, method_factory: MethodFactory, config: Mapping[str, Any], seed: int,
               device: torch.device, tasks: Sequence[str] | None = None,
-              progress: bool = False) -> TrainResult:
+              progress: bool = False, monitor: ConflictMonitor | None = None) -> TrainResult:
+        """Train and evaluate; ``monitor`` (optional) observes every step's conflicts, which
+        then include the loss-weighting methods' (their per-task gradients are computed)."""
         tasks = tuple(tasks or self.tasks(config))
         data = self.load(config)
-        torch.manual_seed(seed)
-        model = self.build_model(config, tasks, data).to(device)
+        model = self.model_for(config, tasks, data, seed).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"],
                                      weight_decay=config.get("weight_decay", 0.0))
         method = method_factory()
         representation = bool(config.get("representation")) or method.needs_features
+        measure = monitor is not None or bool(config.get("measure_conflicts"))
+        compute_gramian = True if measure and method.kind == "losses" else None
+        monitor = monitor or ConflictMonitor(method, task_names=tasks)
+        shared = model.shared_parameters()
         generator = torch.Generator().manual_seed(seed)
-        statistics = ConflictStatistics()
         started = time.perf_counter()
         steps_per_epoch = math.ceil(len(data.train) / config["batch_size"])
         bar = tqdm(total=config["epochs"] * steps_per_epoch, disable=not progress, unit="step",
@@ -251,9 +252,10 @@ class SupervisedProblem(Problem):
                 features, outputs = model(inputs)
                 losses = self.losses(outputs, targets, tasks)
                 optimizer.zero_grad(set_to_none=True)
-                record = backward(losses, model.shared, method,
-                                  features=features if representation else None)
-                statistics.observe(record)
+                record = backward(losses, shared, method,
+                                  features=features if representation else None,
+                                  compute_gramian=compute_gramian)
+                monitor.observe(record)
                 optimizer.step()
                 if method.needs_losses_after_step:
                     with torch.no_grad():
@@ -269,8 +271,10 @@ class SupervisedProblem(Problem):
         with torch.no_grad():
             for split, dataset in (("validation", data.validation), ("test", data.test)):
                 metrics[split] = self.evaluate(model, dataset, tasks, config)
-        summary = statistics.summary()
+        summary = monitor.summary()
         summary["train_seconds"] = time.perf_counter() - started
+        summary["parameters"] = sum(p.numel() for p in model.parameters())
+        summary["shared_parameters"] = sum(p.numel() for _, p in shared)
         return TrainResult(metrics, summary, data.note)
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
+from ...diagnostics import ConflictMonitor
 from ...errors import InvalidOptionError
 from ...methods.base import Method
 from ..data.nyuv2 import CLASSES, IGNORE_INDEX, NYUv2Split, load_nyuv2
@@ -147,12 +148,12 @@ class NYUv2(SupervisedProblem):
 
     def train(self, method_factory: MethodFactory, config: Mapping[str, Any], seed: int,
               device: torch.device, tasks: Sequence[str] | None = None,
-              progress: bool = False) -> TrainResult:
+              progress: bool = False, monitor: ConflictMonitor | None = None) -> TrainResult:
         # Only a guard around the shared loop: a method that needs the representation cannot
         # work with MTAN, and the engine's own error would not say why.
         if config.get("model") == "mtan":
             method_factory = _without_features(method_factory)
-        return super().train(method_factory, config, seed, device, tasks, progress)
+        return super().train(method_factory, config, seed, device, tasks, progress, monitor)
 
     def losses(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor],
                tasks: Sequence[str]) -> list[Tensor]:

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...diagnostics import ConflictMonitor
 from ...engine import backward
 from ...errors import InvalidOptionError
-from .base import ConflictStatistics, MethodFactory, Metric, Problem, TrainResult
+from .base import MethodFactory, Metric, Problem, TrainResult
 
 INPUTS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 TARGETS = {"xor": torch.tensor([0.0, 1.0, 1.0, 0.0]), "and": torch.tensor([0.0, 0.0, 0.0, 1.0])}
@@ -83,7 +84,7 @@ class XorAnd(Problem):
         method = method_factory()
         targets = {"xor": TARGETS["xor"] * config["scale"], "and": TARGETS["and"]}
         generator = torch.Generator().manual_seed(seed)
-        statistics = ConflictStatistics()
+        statistics = ConflictMonitor(method, task_names=tasks)
         converged_at: dict[str, float] = {task: math.nan for task in tasks}
 
         def task_losses(index: torch.Tensor) -> list[torch.Tensor]:
