@@ -51,3 +51,15 @@ def save_figure(figure: Any, path: str | os.PathLike[str], **kwargs: Any) -> Pat
     suffix = Path(path).suffix
     fmt = suffix.lstrip(".") or "png"
     return _atomic(path, lambda tmp: figure.savefig(tmp, format=fmt, **kwargs), suffix)
+
+
+def save_torch(path: str | os.PathLike[str], data: Any) -> Path:
+    """``torch.save`` atomically: a checkpoint is the previous one or the new one, never torn."""
+    import torch
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            torch.save(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return _atomic(path, write, ".tmp")

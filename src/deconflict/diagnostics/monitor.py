@@ -102,6 +102,19 @@ class ConflictMonitor:
             self._write_tensorboard(conflicts)
         return conflicts
 
+    # ---------------------------------------------------------------------------------- state
+    _STATE = ("task_names", "steps", "measured", "_pairs", "_conflicting", "_weak", "_strong",
+              "_projections", "_update_cosines", "_layers", "_r_sum", "_r_steps")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything observed so far, to checkpoint with the training run."""
+        return {name: getattr(self, name) for name in self._STATE}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``'s observations."""
+        for name in self._STATE:
+            setattr(self, name, state[name])
+
     # ------------------------------------------------------------------------------- results
     @property
     def pair_names(self) -> list[str]:

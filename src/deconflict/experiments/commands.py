@@ -69,13 +69,19 @@ def _seeds(args: argparse.Namespace) -> list[int]:
     return list(range(args.first_seed, args.first_seed + args.seeds))
 
 
+def checkpointing(args: argparse.Namespace) -> dict[str, Any]:
+    """run_many's checkpoint options from --checkpoint-every and --resume."""
+    return {"checkpoint_every": args.checkpoint_every, "resume": args.resume}
+
+
 def command_run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     problem = get_problem(args.problem)
     spec = MethodSpec(args.method.lower().replace("-", "_"),
                       {k: parse_value(v) for k, v in method_options(extra).items()})
     config = _config(problem, args)
     records = run_many(problem.name, [spec], _seeds(args), config, _device(args.device),
-                       args.out, args.force, progress=not args.quiet)[spec.label]
+                       args.out, args.force, progress=not args.quiet,
+                       **checkpointing(args))[spec.label]
     print(f"{problem.name} / {spec.label} ({records[0]['note']})")
     for record in records:
         metrics = record["metrics"]["test"]
@@ -99,7 +105,8 @@ def command_compare(args: argparse.Namespace, extra: Sequence[str]) -> int:
             len(problem.tasks(config)) > 1 and all(s.name != SINGLE_TASK for s in specs):
         specs.insert(0, MethodSpec(SINGLE_TASK))
     records = run_many(problem.name, specs, _seeds(args), config, _device(args.device),
-                       args.out, args.force, progress=not args.quiet)
+                       args.out, args.force, progress=not args.quiet,
+                       **checkpointing(args))
     rows = summarize(problem, config, records)
     note = next(iter(records.values()))[0]["note"]
     text = compare_markdown(problem, config, rows, note, args.command_line)
@@ -125,7 +132,8 @@ def command_sweep(args: argparse.Namespace, extra: Sequence[str]) -> int:
     name = args.method.lower().replace("-", "_")
     specs = [MethodSpec(name, {**fixed, option: value}) for value in values]
     records = run_many(problem.name, specs, _seeds(args), config, _device(args.device),
-                       args.out, args.force, progress=not args.quiet)
+                       args.out, args.force, progress=not args.quiet,
+                       **checkpointing(args))
     result = sweep_summary(problem, config, specs, option, records)
     metrics = problem.metrics(config)
     folder = Path(args.out) / problem.name
@@ -174,3 +182,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="retrain runs even if their records exist")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="save each run's full state every N steps (atomically, beside its "
+                        "record; removed when the run completes)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue interrupted runs from their checkpoints (with "
+                        "--checkpoint-every); the result equals an uninterrupted run's")

@@ -35,7 +35,7 @@ from ..errors import InvalidOptionError
 from ..io import write_json
 from ..methods.registry import get, method_class
 from .problems import get_problem
-from .problems.base import Problem, essential_config
+from .problems.base import Checkpointing, Problem, SupervisedProblem, essential_config
 
 SINGLE_TASK = "single_task"
 
@@ -135,8 +135,13 @@ def _clean(value: Any) -> Any:
 
 def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any],
         device: str | torch.device = "cpu", out: str | Path = "results", force: bool = False,
-        progress: bool = False) -> dict[str, Any]:
-    """Train (or reuse) one run and return its record."""
+        progress: bool = False, checkpoint_every: int | None = None,
+        resume: bool = False) -> dict[str, Any]:
+    """Train (or reuse) one run and return its record.
+
+    ``checkpoint_every`` N: save the run's state every N steps beside its record
+    (``<record>.ckpt``, removed when the run completes); ``resume``: continue from it.
+    """
     problem = get_problem(problem_name)
     spec.check()
     device = torch.device(device)
@@ -147,19 +152,37 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
         if (essential_config(record.get("config") or {}) == essential_config(config)
                 and record.get("options") == _clean(spec.options)):
             return record
+    if (checkpoint_every is not None or resume) and not isinstance(problem, SupervisedProblem):
+        raise InvalidOptionError(f"{problem.name} runs in seconds to minutes and is not "
+                                 "checkpointed; --checkpoint-every and --resume apply to "
+                                 "census-income, digits, multi-mnist and nyuv2")
+    if resume and checkpoint_every is None:
+        raise InvalidOptionError("--resume needs --checkpoint-every (how often to keep saving)")
+
+    def checkpoint(part: str = "") -> dict[str, Any]:
+        if checkpoint_every is None:
+            return {}
+        return {"checkpoint": Checkpointing(path.with_name(f"{path.stem}{part}.ckpt"),
+                                            checkpoint_every, resume)}
+
     started = time.perf_counter()
     if spec.name == SINGLE_TASK:
         metrics: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
         statistics: dict[str, Any] = {}
         note = ""
+        plans = []
         for task in problem.tasks(config):
+            plan = checkpoint(f"-{task}")
+            plans.append(plan)
             result = problem.train(MethodSpec("sum").factory(), config, seed, device,
-                                   tasks=[task], progress=progress)
+                                   tasks=[task], progress=progress, **plan)
             for split in metrics:
                 metrics[split].update(result.metrics[split])
             note = result.note
     else:
-        result = problem.train(spec.factory(), config, seed, device, progress=progress)
+        plans = [checkpoint()]
+        result = problem.train(spec.factory(), config, seed, device, progress=progress,
+                               **plans[0])
         metrics, statistics, note = result.metrics, result.statistics, result.note
     record = _clean({
         "problem": problem.name, "method": spec.name, "options": spec.options,
@@ -170,12 +193,16 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
     write_json(path, record)
+    for plan in plans:  # the record is complete: the checkpoints have served
+        if plan:
+            plan["checkpoint"].path.unlink(missing_ok=True)
     return record
 
 
 def run_many(problem_name: str, specs: Sequence[MethodSpec], seeds: Sequence[int],
              config: Mapping[str, Any], device: str = "cpu", out: str | Path = "results",
-             force: bool = False, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+             force: bool = False, progress: bool = True, checkpoint_every: int | None = None,
+             resume: bool = False) -> dict[str, list[dict[str, Any]]]:
     """Every (method, seed) run; records grouped by method label, in the given order."""
     from tqdm import tqdm
 
@@ -185,5 +212,6 @@ def run_many(problem_name: str, specs: Sequence[MethodSpec], seeds: Sequence[int
     jobs = [(spec, seed) for spec in specs for seed in seeds]
     for spec, seed in tqdm(jobs, desc=f"{problem_name}: runs", unit="run", disable=not progress):
         records[spec.label].append(run(problem_name, spec, seed, config, device, out, force,
-                                       progress=False))
+                                       progress=False, checkpoint_every=checkpoint_every,
+                                       resume=resume))
     return records

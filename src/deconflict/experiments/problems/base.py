@@ -15,12 +15,15 @@ user would: ``deconflict.backward`` then ``optimizer.step()``, FAMO's ``after_st
 from __future__ import annotations
 
 import math
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -28,6 +31,7 @@ from tqdm import tqdm
 from ...diagnostics import ConflictMonitor
 from ...engine import backward
 from ...errors import InvalidOptionError
+from ...io import save_torch
 from ...methods.base import Method
 
 MethodFactory = Callable[[], Method]
@@ -55,11 +59,32 @@ class Metric:
 
 @dataclass
 class TrainResult:
-    """What one training run produced."""
+    """What one training run produced (``model``: the trained model, when the problem has one)."""
 
     metrics: dict[str, dict[str, float]]  # split ("validation", "test") -> metric -> value
     statistics: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    model: nn.Module | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Save the run's whole state every ``every`` optimizer steps to ``path`` (atomically);
+    with ``resume``, continue from ``path`` if it exists.
+
+    The state is the model, the optimizer, the method's state, the conflict monitor, the
+    position in the data (epoch, batch, and the shuffling generator at the epoch's start) and
+    the global RNGs (torch, NumPy, Python), so a resumed run ends exactly as an uninterrupted one.
+    """
+
+    path: Path
+    every: int
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or self.every < 1:
+            raise InvalidOptionError(f"checkpoint interval must be a positive number of steps, "
+                                     f"got {self.every!r}")
 
 
 class Problem(ABC):
@@ -224,9 +249,11 @@ class SupervisedProblem(Problem):
 
     def train(self, method_factory: MethodFactory, config: Mapping[str, Any], seed: int,
               device: torch.device, tasks: Sequence[str] | None = None,
-              progress: bool = False, monitor: ConflictMonitor | None = None) -> TrainResult:
+              progress: bool = False, monitor: ConflictMonitor | None = None,
+              checkpoint: Checkpointing | None = None) -> TrainResult:
         """Train and evaluate; ``monitor`` (optional) observes every step's conflicts, which
-        then include the loss-weighting methods' (their per-task gradients are computed)."""
+        then include the loss-weighting methods' (their per-task gradients are computed);
+        ``checkpoint`` saves the run every N steps and resumes it (``Checkpointing``)."""
         tasks = tuple(tasks or self.tasks(config))
         data = self.load(config)
         model = self.model_for(config, tasks, data, seed).to(device)
@@ -239,14 +266,28 @@ class SupervisedProblem(Problem):
         monitor = monitor or ConflictMonitor(method, task_names=tasks)
         shared = model.shared_parameters()
         generator = torch.Generator().manual_seed(seed)
-        started = time.perf_counter()
+        position = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0}
+        identity = {"problem": self.name, "config": essential_config(config), "seed": seed,
+                    "tasks": list(tasks), "method": repr(method)}
+        if checkpoint is not None and checkpoint.resume and checkpoint.path.is_file():
+            position = _restore(checkpoint.path, identity, model, optimizer, method, monitor,
+                                generator)
+        started = time.perf_counter() - position["seconds"]
         steps_per_epoch = math.ceil(len(data.train) / config["batch_size"])
-        bar = tqdm(total=config["epochs"] * steps_per_epoch, disable=not progress, unit="step",
+        bar = tqdm(total=config["epochs"] * steps_per_epoch, initial=position["step"],
+                   disable=not progress, unit="step",
                    desc=f"{self.name}: {getattr(method, 'name', 'method')} seed {seed}",
                    leave=False)
-        for _ in range(config["epochs"]):
+        step = position["step"]
+        for epoch in range(position["epoch"], config["epochs"]):
             model.train()
-            for inputs, targets in data.train.batches(config["batch_size"], generator):
+            # The shuffling generator as the epoch begins: a resumed run replays its order.
+            epoch_order = generator.get_state()
+            skip = position["batch"] if epoch == position["epoch"] else 0
+            for batch, (inputs, targets) in enumerate(
+                    data.train.batches(config["batch_size"], generator)):
+                if batch < skip:
+                    continue
                 inputs = inputs.to(device)
                 targets = {t: v.to(device) for t, v in targets.items()}
                 features, outputs = model(inputs)
@@ -262,6 +303,14 @@ class SupervisedProblem(Problem):
                         method.after_step(torch.stack(self.losses(model(inputs)[1], targets,
                                                                   tasks)))
                 bar.update()
+                step += 1
+                if checkpoint is not None and step % checkpoint.every == 0:
+                    save_torch(checkpoint.path, {
+                        "identity": identity, "step": step, "epoch": epoch, "batch": batch + 1,
+                        "seconds": time.perf_counter() - started, "epoch_order": epoch_order,
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "method": method.state_dict(), "monitor": monitor.state_dict(),
+                        "rng": _rng_states()})
             end_epoch = getattr(method, "end_epoch", None)
             if end_epoch is not None:
                 end_epoch()
@@ -275,7 +324,41 @@ class SupervisedProblem(Problem):
         summary["train_seconds"] = time.perf_counter() - started
         summary["parameters"] = sum(p.numel() for p in model.parameters())
         summary["shared_parameters"] = sum(p.numel() for _, p in shared)
-        return TrainResult(metrics, summary, data.note)
+        return TrainResult(metrics, summary, data.note, model)
+
+
+def _rng_states() -> dict[str, Any]:
+    # The legacy global NumPy state too: user code and libraries may draw from it.
+    numpy_state = np.random.get_state()  # noqa: NPY002
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": numpy_state,
+                              "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore(path: Path, identity: dict[str, Any], model: nn.Module,
+             optimizer: torch.optim.Optimizer, method: Method, monitor: ConflictMonitor,
+             generator: torch.Generator) -> dict[str, Any]:
+    """Load a checkpoint written by ``SupervisedProblem.train``; the position it saved."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if saved.get("identity") != identity:
+        raise InvalidOptionError(
+            f"checkpoint {path} belongs to another run ({saved.get('identity')}); remove it or "
+            "run without --resume"
+        )
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    method.load_state_dict(saved["method"])
+    monitor.load_state_dict(saved["monitor"])
+    generator.set_state(saved["epoch_order"])
+    rng = saved["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])  # noqa: NPY002
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return {key: saved[key] for key in ("step", "epoch", "batch", "seconds")}
 
 
 def predict(model: MultiTaskModel, dataset: Dataset, batch_size: int = 4096
