@@ -1,7 +1,7 @@
 # Two entry points, each creating the environment on first use:
 #   make demo   - the 2-D toy problem with every core method (plot + table in deconflict-demo/)
 #   make test   - ruff and the whole test suite (what CI runs)
-#   make bench  - the performance benchmarks of docs/performance.md (about 40 minutes)
+#   make bench  - the benchmarks of docs/performance.md and docs/distributed.md (about 40 minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -32,6 +32,7 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python step.py
 	cd benchmarks && ../$(BIN)/python memory.py
 	cd benchmarks && ../$(BIN)/python many_tasks.py
+	cd benchmarks && ../$(BIN)/python distributed.py
 
 clean:
 	rm -rf $(VENV) deconflict-demo

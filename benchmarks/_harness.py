@@ -47,8 +47,12 @@ def setup(args: argparse.Namespace) -> None:
 
 
 def compare(candidates: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-            seed: int = 0) -> dict[str, float]:
-    """Median seconds per candidate, measured in interleaved, shuffled rounds."""
+            seed: int = 0, self_timed: bool = False) -> dict[str, float]:
+    """Median seconds per candidate, measured in interleaved, shuffled rounds.
+
+    ``self_timed``: each candidate returns its own time in seconds (e.g. the slowest worker of
+    a distributed step), used instead of the wall time of the call.
+    """
     order = list(candidates)
     times: dict[str, list[float]] = {name: [] for name in order}
     shuffle = random.Random(seed)
@@ -56,8 +60,8 @@ def compare(candidates: dict[str, Callable[[], Any]], repeats: int, warmup: int,
         shuffle.shuffle(order)
         for name in order:
             start = time.perf_counter()
-            candidates[name]()
-            elapsed = time.perf_counter() - start
+            reported = candidates[name]()
+            elapsed = reported if self_timed else time.perf_counter() - start
             if round_index >= warmup:
                 times[name].append(elapsed)
     return {name: statistics.median(values) for name, values in times.items()}

@@ -212,20 +212,40 @@ def test_famo_without_losses_after_step_is_refused_before_any_update(example):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_loss_scaling_is_refused_and_bf16_trains(example):
-    model, _, loader = example.build()
-    initial = [p.detach().clone() for p in model.parameters()]
-    # precision="16-mixed" falls back to bf16 on CPU; the plugin keeps float16 and its scaler.
-    float16 = MixedPrecision("16-mixed", "cpu")
-    with pytest.raises(InvalidOptionError, match="bf16-mixed"):
-        quiet_trainer(max_steps=1, plugins=[float16]).fit(model, loader)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), initial, strict=True))
+def test_float16_with_the_plugins_scaler_and_bf16_train(example):
+    """16-mixed: the plugin's GradScaler goes to deconflict.backward (scaled losses), and the
+    plugin's optimizer step unscales them: after one step, .grad is the true gradient (close to
+    the 32-bit run's; unscaled twice or not at all it would be off by the scale).
+    bf16-mixed needs no scaler."""
+    grads = {}
+    for name, options in (
+            ("32", {}),
+            ("16", {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler(
+                "cpu", init_scale=2.0**8))]}),
+            ("bf16", {"precision": "bf16-mixed"})):
+        torch.manual_seed(0)
+        model, _, loader = example.build()
+        initial = [p.detach().clone() for p in model.parameters()]
+        quiet_trainer(max_steps=1, **options).fit(model, loader)
+        assert all(torch.isfinite(p).all() and not torch.equal(p, q)
+                   for p, q in zip(model.parameters(), initial, strict=True)), name
+        grads[name] = torch.cat([p.grad.reshape(-1) for p in model.trunk.parameters()])
+    for name in ("16", "bf16"):
+        ratio = grads[name].norm() / grads["32"].norm()
+        cosine = torch.nn.functional.cosine_similarity(grads[name], grads["32"], dim=0)
+        assert 0.9 < ratio < 1.1 and cosine > 0.99, (name, ratio, cosine)
 
+
+def test_float16_overflow_skips_the_step_like_the_scaler(example):
+    """At the default scale 2**16 the scaled float16 losses overflow on the first batch: the
+    step is skipped (parameters unchanged) and the scale halves, as in plain AMP."""
+    torch.manual_seed(0)
     model, _, loader = example.build()
     initial = [p.detach().clone() for p in model.parameters()]
-    quiet_trainer(max_steps=2, precision="bf16-mixed").fit(model, loader)
-    assert all(torch.isfinite(p).all() and not torch.equal(p, q)
-               for p, q in zip(model.parameters(), initial, strict=True))
+    plugin = MixedPrecision("16-mixed", "cpu")
+    quiet_trainer(max_steps=1, plugins=[plugin]).fit(model, loader)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), initial, strict=True))
+    assert plugin.scaler.get_scale() == 2.0**15
 
 
 def test_automatic_optimization_is_refused(example):

@@ -29,11 +29,25 @@ shared layer.
 
 Gradients add to ``.grad`` as autograd's do, so gradient accumulation over micro-batches works
 unchanged. ``backward`` returns a ``StepRecord`` for logging.
+
+Mixed precision: the forward pass may run under ``torch.autocast``; ``backward`` turns autocast
+off for its own arithmetic (the Gramian and combination stay float64). With a GradScaler
+(``scaler=``), the rows differentiated are s L_i (s = the scaler's scale), the method sees the
+Gramian of the unscaled gradients, M = (s^2 M) / s^2 (``update``), and ``.grad`` receives s times
+the update and the head gradients, as ``scaler.scale(loss).backward()`` would leave them for
+``scaler.step``. A non-finite loss or gradient then skips the step: the reached parameters'
+``.grad`` is filled with infinity, so ``scaler.step`` skips the optimizer and ``scaler.update``
+lowers the scale, and the record says ``skipped``.
+
+Data parallel (``distributed="exact"`` or ``"local"``): ``deconflict.distributed`` averages the
+per-task gradients across ranks before the method runs, or the updates after it.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,7 +55,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import DisconnectedLossError, InvalidOptionError, NonFiniteError, ShapeError
+from .distributed import Communication, active_step, run_step
+from .errors import (
+    DisconnectedLossError,
+    InvalidOptionError,
+    NonFiniteError,
+    NonFiniteGradientError,
+    ShapeError,
+)
 from .gramian import gramian_of_blocks
 from .jacobian import check_chunk_size, task_jacobian
 from .methods.base import Method
@@ -69,7 +90,12 @@ class StepRecord:
     - ``layer_gramians``: each shared layer's Gramian M^(k) (a module's weight and bias
       together; M = sum_k M^(k)), keyed by the module's name; empty without a Gramian;
     - ``update_products``: J D, each differentiated row's gradient dotted with the shared update
-      D (None without a Gramian); ``update_sq_norm``: ||D||^2.
+      D (None without a Gramian); ``update_sq_norm``: ||D||^2;
+    - ``skipped``: a GradScaler overflow (``backward(..., scaler=)``): no update was computed,
+      ``.grad`` holds infinity so that ``scaler.step`` skips the step; the reason is
+      ``diagnostics["overflow"]``;
+    - ``communication``: with ``distributed=``, what this rank exchanged
+      (``deconflict.distributed.Communication``).
     Conflict diagnostics (``deconflict.diagnostics``) are computed from these, at O(T^2) cost.
     """
 
@@ -83,6 +109,8 @@ class StepRecord:
     layer_gramians: dict[str, Tensor] = field(default_factory=dict)
     update_products: Tensor | None = None
     update_sq_norm: float | None = None
+    skipped: bool = False
+    communication: Communication | None = None
 
     @property
     def conflicting_pairs(self) -> list[tuple[int, int]]:
@@ -119,6 +147,9 @@ def backward(
     head_weights: HeadWeights = "auto",
     compute_gramian: bool | None = None,
     retain_graph: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+    distributed: Literal["exact", "local"] | None = None,
+    process_group: Any = None,
 ) -> StepRecord:
     """Write the method's update into ``.grad``; use it in place of ``loss.backward()``.
 
@@ -142,16 +173,38 @@ def backward(
         compute_gramian: force (True) the per-task gradients and Gramian even for methods that
             only weight losses, e.g. to log conflicts; None decides from the method.
         retain_graph: keep the autograd graph for another backward pass.
+        scaler: a ``torch.amp.GradScaler`` (mixed precision), used in place of
+            ``scaler.scale(loss).backward()``: the losses are differentiated scaled by its scale
+            s, the method sees the unscaled gradients' Gramian and the true losses, and ``.grad``
+            receives s times the update (and the heads s times their gradients), for
+            ``scaler.step(optimizer)`` and ``scaler.update()`` as usual. A non-finite loss or
+            gradient (an overflow) skips the step instead of raising: ``.grad`` is filled with
+            infinity, the record has ``skipped=True``, the method's state is left as it was
+            (except a Jacobian method's, e.g. DB-MTL's moving averages, not copied for their
+            size). A disabled scaler is the same as none.
+        distributed: data parallel over ``torch.distributed`` (initialized; every rank calls
+            ``backward`` with its own batch of the same size; see ``deconflict.distributed``):
+            "exact" averages the per-task gradients over the ranks before the method runs (the
+            single-process update on the global batch, identical on every rank), "local" runs
+            the method on each rank's batch and averages the updates (plain DDP's
+            communication). None: this process only.
+        process_group: the group to use with ``distributed`` (None: the default group).
 
     Returns:
         A StepRecord (weights, losses, Gramian, diagnostics).
 
     Raises:
-        NonFiniteError: a loss or a gradient is NaN or infinite.
+        NonFiniteError: a loss or a gradient is NaN or infinite (without an enabled scaler).
         DisconnectedLossError: a loss does not depend on the shared parameters (or features).
         ShapeError: a loss is not a scalar, no loss was given, ...
         InvalidOptionError, UnknownMethodError: bad options or method name.
     """
+    if distributed is not None or process_group is not None:
+        # The same call, made again inside a distributed step: every argument but these two.
+        options = dict(locals())
+        del options["distributed"], options["process_group"]
+        options["method"] = resolve_method(method)
+        return run_step(backward, options, distributed, process_group)
     method = resolve_method(method)
     if head_weights not in ("auto", "unit", "method"):
         raise InvalidOptionError(
@@ -165,11 +218,17 @@ def backward(
         raise InvalidOptionError("chunk_size applies to mode='batched' and mode='gramian'")
     loss_list = _check_losses(losses)
     loss_values = torch.stack([loss.detach().to(torch.float64) for loss in loss_list]).cpu()
+    step = active_step()
+    if step is not None:
+        loss_values = step.handshake(loss_values, _reachable_leaves(loss_list, set()), features,
+                                     scaler is not None and scaler.is_enabled())
     bad = torch.nonzero(~torch.isfinite(loss_values)).flatten().tolist()
-    if bad:
-        raise NonFiniteError(
-            f"loss {bad[0]} is {loss_values[bad[0]].item()} (non-finite losses: tasks {bad})"
-        )
+    bad_losses = (f"loss {bad[0]} is {loss_values[bad[0]].item()} (non-finite losses: tasks "
+                  f"{bad})" if bad else None)
+    if scaler is not None and not scaler.is_enabled():
+        scaler = None
+    if bad_losses and scaler is None:
+        raise NonFiniteError(bad_losses)
     shared = _named_leaves(shared_params)
     feature_list = _check_features(features)
     if method.needs_features and feature_list is None:
@@ -193,30 +252,56 @@ def backward(
         tracked = isinstance(shared_params, nn.Module) and shared_params in _TRACKERS
         mode = "gramian" if tracked and gramian_only and feature_list is None else "sequential"
     per_task = not loss_weighting or method.gradient_scope == "shared" or bool(compute_gramian)
-    if not per_task:
-        if head_weights == "unit":
-            raise InvalidOptionError(
-                f"{method.name} does one weighted backward pass, so every parameter gets the "
-                "weighted gradient; pass compute_gramian=True for head_weights='unit'"
-            )
-        if mode == "gramian":
-            tracker_of(shared_params).clear()
-        return _weighted_loss_backward(method, loss_list, loss_values, shared, feature_list,
-                                       retain_graph)
-    if mode == "gramian":
-        return _gramian_backward(method, loss_list, loss_values, shared, shared_params,
-                                 head_weights, retain_graph, chunk_size)
-    return _gradient_backward(method, loss_list, loss_values, shared, feature_list,
-                              head_weights, retain_graph, 1 if mode == "sequential" else
-                              chunk_size, mode)
+    if not per_task and head_weights == "unit":
+        raise InvalidOptionError(
+            f"{method.name} does one weighted backward pass, so every parameter gets the "
+            "weighted gradient; pass compute_gramian=True for head_weights='unit'"
+        )
+    if step is not None:
+        step.prepare(mode, per_task, feature_list is not None, shared)
+    scale = None
+    if scaler is not None:
+        # What scaler.scale(loss).backward() differentiates, so that float16 gradients keep
+        # their small values; it also creates the scale that scaler.update() will adjust.
+        loss_list = [scaler.scale(loss) for loss in loss_list]
+        scale = scaler.get_scale()
+    state = _state_copy(method) if scaler is not None else None
+    try:
+        with _autocast_disabled(loss_list):
+            if bad_losses:
+                raise NonFiniteGradientError(bad_losses)
+            if not per_task:
+                if mode == "gramian":
+                    tracker_of(shared_params).clear()
+                return _weighted_loss_backward(method, loss_list, loss_values, shared,
+                                               feature_list, retain_graph, scale)
+            if mode == "gramian":
+                return _gramian_backward(method, loss_list, loss_values, shared, shared_params,
+                                         head_weights, retain_graph, chunk_size, scale)
+            return _gradient_backward(method, loss_list, loss_values, shared, feature_list,
+                                      head_weights, retain_graph, 1 if mode == "sequential" else
+                                      chunk_size, mode, scale)
+    except NonFiniteGradientError as overflow:
+        if scaler is None:
+            raise
+        if state is not None:
+            method.load_state_dict(state)
+        return _skip_step(overflow, loss_list, loss_values, shared_params,
+                          mode if per_task else "losses", feature_list is not None)
 
 
 # ------------------------------------------------------------------------------------ paths
 def _weighted_loss_backward(
     method: Method, loss_list: list[Tensor], loss_values: Tensor,
     shared: list[tuple[str, Tensor, str]], features: list[Tensor] | None, retain_graph: bool,
+    scale: float | None,
 ) -> StepRecord:
-    """Loss-weighting methods: one ordinary backward pass of sum_i c_i L_i."""
+    """Loss-weighting methods: one ordinary backward pass of sum_i c_i L_i.
+
+    With a scaler (``scale``), the L_i are already scaled, and an overflow shows only in the
+    gradients of that pass: they are checked before they are written (NonFiniteGradientError,
+    for ``backward`` to skip the step).
+    """
     leaf_ids = set() if features is not None else {id(p) for _, p, _ in shared}
     nodes = {f.grad_fn for f in features} if features is not None else set()
     for task, loss in enumerate(loss_list):
@@ -230,12 +315,23 @@ def _weighted_loss_backward(
                                        allow_unused=True) for loss in loss_list]
         blocks = [torch.stack([torch.zeros_like(p) if g[k] is None else g[k] for g in columns])
                   .reshape(len(loss_list), -1) for k, (_, p) in enumerate(last)]
+        step = active_step()
+        if step is not None:
+            blocks, _ = step.exchange(blocks, None)
         layer_gramian = gramian_of_blocks(blocks)
         if not bool(torch.isfinite(layer_gramian).all()):
             raise_non_finite(blocks, [f"shared parameter {name}" for name, _ in last], False)
+        if scale is not None:
+            layer_gramian /= scale**2
     c, diagnostics = method.weights_with_diagnostics(layer_gramian, losses=loss_values)
     total = sum(float(w) * loss for w, loss in zip(c.tolist(), loss_list, strict=True))
-    torch.autograd.backward(total, retain_graph=retain_graph)
+    if scale is None:
+        torch.autograd.backward(total, retain_graph=retain_graph)
+    else:
+        leaves = _reachable_leaves([total], set())
+        grads = torch.autograd.grad(total, leaves, allow_unused=True, retain_graph=retain_graph)
+        _check_finite(leaves, grads, "a parameter")
+        _accumulate(leaves, grads)
     if layer_gramian is not None:
         diagnostics["layer_gramian"] = layer_gramian.cpu()
     return StepRecord(weights=c, losses=loss_values, gramian=None, diagnostics=diagnostics,
@@ -255,6 +351,7 @@ def _gradient_backward(
     method: Method, loss_list: list[Tensor], loss_values: Tensor,
     shared: list[tuple[str, Tensor, str]], features: list[Tensor] | None,
     head_weights: str, retain_graph: bool, chunk_size: int | None, mode: str,
+    scale: float | None,
 ) -> StepRecord:
     """Sequential and batched modes, on the parameters or (``features``) the representation."""
     shared_ids = {id(p) for _, p, _ in shared}
@@ -287,9 +384,14 @@ def _gradient_backward(
     blocks, target_reached = task_jacobian(rows, targets, target_names, chunk_size=chunk_size,
                                            free_graph=free_graph)
 
+    detached = None if features is None else [f.detach() for f in features]
+    step = active_step()
+    if step is not None:
+        blocks, detached = step.exchange(blocks, detached)
     update = compute_update(
         method, blocks, target_names, layers, losses=loss_values, combinations=A,
-        features=None if features is None else [f.detach() for f in features],
+        features=detached,
+        scale=1.0 if scale is None else scale,
     )
     c = update.weights
 
@@ -305,8 +407,10 @@ def _gradient_backward(
                     param.grad = torch.empty_like(param, memory_format=torch.contiguous_format)
                 update.write(k, blocks[k], param.grad, accumulate=not fresh)
     else:
-        outputs = [u.view_as(f) for f, u in zip(features, update.materialize(blocks),
-                                                strict=True)]
+        updates = update.materialize(blocks)
+        if step is not None:
+            updates = step.local_part(updates)
+        outputs = [u.view_as(f) for f, u in zip(features, updates, strict=True)]
         params = [p for _, p, _ in shared]
         trunk_grads = torch.autograd.grad(features, params, outputs, allow_unused=True,
                                           retain_graph=retain_graph)
@@ -327,7 +431,7 @@ def _gradient_backward(
 def _gramian_backward(
     method: Method, loss_list: list[Tensor], loss_values: Tensor,
     shared: list[tuple[str, Tensor, str]], shared_params: Any, head_weights: str,
-    retain_graph: bool, chunk_size: int | None,
+    retain_graph: bool, chunk_size: int | None, scale: float | None,
 ) -> StepRecord:
     """Gramian-only mode: M from the tracked layers, then one backward pass of sum_i r_i L_i."""
     tracker = tracker_of(shared_params)
@@ -349,7 +453,8 @@ def _gramian_backward(
         for k, row in enumerate(rows):
             if not _reaches(row, shared_ids, set()):
                 raise _disconnected(k, False, combination=A is not None)
-        M, covered, by_layer = tracked_gramian(tracker, rows, shared, chunk_size)
+        scale = 1.0 if scale is None else scale
+        M, covered, by_layer = tracked_gramian(tracker, rows, shared, chunk_size, scale)
         missing = [name for name, p, _ in shared if any(p is q for q in reached)
                    and id(p) not in covered]
         if missing:
@@ -358,7 +463,7 @@ def _gramian_backward(
                 "recorded call of the module that owns it; use mode='sequential'"
             )
         c, r, diagnostics = gramian_weights(method, M, [p.dtype for p in reached],
-                                            losses=loss_values, combinations=A)
+                                            losses=loss_values, combinations=A, scale=scale)
         head_grads = _head_gradients(method, head_weights, c, loss_values, loss_list, heads,
                                      True)
         combined = sum(float(w) * row for w, row in zip(r.tolist(), rows, strict=True))
@@ -542,8 +647,8 @@ def _check_finite(params: Sequence[Tensor], grads: Sequence[Tensor | None], what
         return
     for param, grad in present:
         if not bool(torch.isfinite(grad).all()):
-            raise NonFiniteError(f"the gradient of {what} of shape {tuple(param.shape)} "
-                                 "contains NaN or infinity")
+            raise NonFiniteGradientError(f"the gradient of {what} of shape "
+                                         f"{tuple(param.shape)} contains NaN or infinity")
 
 
 def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
@@ -559,3 +664,44 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Non
         else:
             # Autograd may hand back broadcast views (stride 0): give .grad its own storage.
             param.grad = grad.clone(memory_format=torch.contiguous_format)
+
+
+def _autocast_disabled(losses: Sequence[Tensor]) -> ExitStack:
+    """Autocast off while the engine works: it would recast the float32 products of Jacobian
+    methods and diagnostics to bfloat16/float16. Backward passes do not depend on it (they
+    replay the dtypes the forward pass chose)."""
+    stack = ExitStack()
+    for device in sorted({"cpu", *(loss.device.type for loss in losses)}):
+        if torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
+
+
+def _state_copy(method: Method) -> dict[str, Any] | None:
+    """The method's state, to restore if the step is skipped; None if it has none to save.
+
+    Jacobian methods are not copied: DB-MTL's state is as large as the gradients.
+    """
+    if not method.stateful or method.kind == "jacobian":
+        return None
+    return copy.deepcopy(method.state_dict())
+
+
+def _skip_step(
+    overflow: NonFiniteGradientError, loss_list: list[Tensor], loss_values: Tensor,
+    shared_params: Any, mode: str, features: bool,
+) -> StepRecord:
+    """A GradScaler overflow: make ``scaler.step`` skip the optimizer step, as it would after an
+    overflowing ``scaler.scale(loss).backward()``, by writing infinity into the ``.grad`` of
+    every parameter the losses reach (so every optimizer holding one of them skips)."""
+    tracker = _TRACKERS.get(shared_params) if isinstance(shared_params, nn.Module) else None
+    if tracker is not None:
+        tracker.clear()
+    for leaf in _reachable_leaves(loss_list, set()):
+        if leaf.grad is None:
+            leaf.grad = torch.full_like(leaf, float("inf"), memory_format=torch.contiguous_format)
+        else:
+            leaf.grad.fill_(float("inf"))
+    return StepRecord(weights=None, losses=loss_values, gramian=None,
+                      diagnostics={"overflow": str(overflow)}, mode=mode, features=features,
+                      skipped=True)

@@ -16,6 +16,14 @@ class NonFiniteError(DeconflictError, ValueError):
     """A loss, a gradient, a Gramian or a method option holds NaN or infinity."""
 
 
+class NonFiniteGradientError(NonFiniteError):
+    """A task gradient, the Gramian or the update is NaN or infinite, or would overflow its dtype.
+
+    This is what a ``torch.amp.GradScaler`` checks for: with ``backward(..., scaler=...)`` the
+    engine skips the step (``StepRecord.skipped``) instead of raising it.
+    """
+
+
 class DisconnectedLossError(DeconflictError, ValueError):
     """A task loss does not depend on the shared parameters (or on the shared features)."""
 
@@ -46,3 +54,7 @@ class DataNotFoundError(DeconflictError, FileNotFoundError):
 
 class UnsupportedModelError(DeconflictError, ValueError):
     """A model cannot be handled as asked (untraceable forward, a layer that cannot be split)."""
+
+
+class DistributedError(DeconflictError, RuntimeError):
+    """Another rank of a distributed ``backward`` step raised an error (see its output)."""

@@ -32,13 +32,12 @@ adapter keeps that step to one line and makes the method part of the Lightning r
 
 What ``self.manual_backward`` does and this step does not:
 
-- Mixed precision. With ``precision="16-mixed"`` Lightning scales the loss in
-  ``manual_backward`` and unscales the gradients in ``optimizer.step()``; deconflict writes
-  unscaled gradients, so the step would divide them by the scale. ``deconflict_step`` therefore
-  refuses a precision plugin with a gradient scaler. Use ``Trainer(precision="32-true")`` (the
-  default) or ``Trainer(precision="bf16-mixed")``: bfloat16 has float32's exponent range and
-  needs no loss scaling, and deconflict accumulates the Gramian in float64 whatever the gradients'
-  dtype.
+- Mixed precision. Every precision works. With ``precision="16-mixed"`` Lightning scales the
+  loss in ``manual_backward`` and unscales in ``optimizer.step()``: ``deconflict_step`` passes
+  the precision plugin's GradScaler to ``deconflict.backward(scaler=...)``, which scales the task
+  losses the same way (and skips the step on overflow, as the scaler does; FAMO's ``after_step``
+  is then not called). ``"bf16-mixed"`` needs no scaling. Either way deconflict accumulates the
+  Gramian in float64.
 - The ``on_before_backward`` / ``on_after_backward`` hooks and the module's ``backward`` hook are
   not called: no single loss is backpropagated. ``on_before_optimizer_step`` is called (by the
   optimizer step) and is the place to inspect or clip the gradients, e.g. with
@@ -133,9 +132,9 @@ def deconflict_step(
         The ``StepRecord`` of ``deconflict.backward``.
 
     Raises:
-        InvalidOptionError: automatic optimization is on, the precision plugin scales the loss
-            (16-mixed), the run is distributed, several optimizers and none chosen, or the method
-            needs ``losses_after_step`` and it was not given. Checked before anything is written.
+        InvalidOptionError: automatic optimization is on, the run is distributed, several
+            optimizers and none chosen, or the method needs ``losses_after_step`` and it was not
+            given. Checked before anything is written.
     """
     resolved = resolve_method(method)
     _check_trainer(module)
@@ -152,10 +151,16 @@ def deconflict_step(
             raise InvalidOptionError(
                 f"the module has {len(optimizer)} optimizers: pass optimizer= to choose one"
             )
+    scaler = getattr(module.trainer.precision_plugin, "scaler", None)
+    if scaler is not None:
+        # 16-mixed: deconflict scales the losses with the plugin's GradScaler, as
+        # manual_backward would; the plugin's optimizer step unscales, skips on overflow and
+        # updates the scale.
+        backward_options.setdefault("scaler", scaler)
     optimizer.zero_grad()
     record = backward(losses, shared, resolved, **backward_options)
     optimizer.step()
-    if resolved.needs_losses_after_step:
+    if resolved.needs_losses_after_step and not record.skipped:
         assert losses_after_step is not None  # checked above
         with torch.no_grad():
             resolved.after_step(_stacked(losses_after_step()))
@@ -271,11 +276,6 @@ def _check_trainer(module: pl.LightningModule) -> None:
             "self.automatic_optimization = False in the module's __init__"
         )
     trainer = module.trainer
-    if getattr(trainer.precision_plugin, "scaler", None) is not None:
-        raise InvalidOptionError(
-            f"precision={trainer.precision!r} scales the loss in manual_backward, which "
-            "deconflict.backward replaces: use precision='32-true' or 'bf16-mixed' (no scaling)"
-        )
     if trainer.world_size > 1:
         raise InvalidOptionError(
             f"deconflict_step supports one device, not world_size={trainer.world_size}: each "

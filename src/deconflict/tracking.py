@@ -18,6 +18,12 @@ in-place operation can move them). ``deconflict.backward(..., mode="gramian")`` 
    everything accumulated in float64;
 3. leaves the combination to one ordinary backward pass of sum_i c_i L_i.
 
+Under autocast a layer computes in a lower precision (bfloat16, float16): Delta_i has the
+output's dtype, and the Linear rule uses the input as the layer did, cast to that dtype (exactly
+autocast's rounding). Products of such values are exact in float64, so the kernel trick gives the
+Gramian of the exact G_i = Delta_i^T X, whereas autograd rounds each G_i to the layer's dtype:
+the two agree to that rounding, not to float64. The other rules use autograd's own gradients.
+
 Memory: the Delta_i (T x the trunk's activations) and one layer's pieces, never T x d.
 """
 
@@ -34,7 +40,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from . import kernels
-from .errors import InvalidOptionError, NonFiniteError
+from .errors import InvalidOptionError, NonFiniteGradientError
 from .jacobian import gradients, row_chunks
 
 _TRACKERS: weakref.WeakKeyDictionary[nn.Module, LayerTracker] = weakref.WeakKeyDictionary()
@@ -183,12 +189,14 @@ def _tensors(value: Any) -> list[Tensor]:
 # ------------------------------------------------------------------------------------- Gramian
 def tracked_gramian(
     tracker: LayerTracker, rows: Sequence[Tensor], shared: Sequence[tuple[str, Tensor, str]],
-    chunk_size: int | None,
+    chunk_size: int | None, scale: float = 1.0,
 ) -> tuple[Tensor, set[int], dict[str, Tensor]]:
     """M (R x R float64) of the rows' gradients w.r.t. the shared parameters, from the records.
 
     Returns M, the ids of the shared parameters some row reaches, and each layer's share of M
-    (keyed by the layer of its parameters, as ``update.layer_gramians``).
+    (keyed by the layer of its parameters, as ``update.layer_gramians``). With loss scaling, the
+    rows are ``scale`` times the losses and M is that of the losses' gradients (divided by
+    ``scale``^2, exact for a power of two).
     """
     calls = tracker.calls
     R = len(rows)
@@ -262,7 +270,7 @@ def tracked_gramian(
                                     [call_deltas[i] for i in indices], own, tied, pending,
                                     chunk_size, R)
         if not bool(torch.isfinite(part).all()):
-            raise NonFiniteError(
+            raise NonFiniteGradientError(
                 f"the gradient of a loss with respect to the parameters of {calls[indices[0]].name}"
                 " contains NaN or infinity")
         M += part
@@ -272,10 +280,13 @@ def tracked_gramian(
         part = torch.zeros(R, R, dtype=torch.float64)
         kernels.gramian_into(block, part)
         if not bool(torch.isfinite(part).all()):
-            raise NonFiniteError(f"the gradient of a loss with respect to shared parameter "
-                                 f"{names[pid]} contains NaN or infinity")
+            raise NonFiniteGradientError(f"the gradient of a loss with respect to shared "
+                                         f"parameter {names[pid]} contains NaN or infinity")
         M += part
         _add_layer(by_layer, layer_of[pid], part)
+    if scale != 1.0:
+        M /= scale**2
+        by_layer = {layer: part / scale**2 for layer, part in by_layer.items()}
     return M, reached, by_layer
 
 
@@ -288,7 +299,9 @@ def _linear_gramian(
 ) -> Tensor:
     """<grad_i, grad_j> over the weight and bias of a Linear layer, from inputs and Delta."""
     n_in, n_out = module.in_features, module.out_features
-    X = _rows_of([call.linear_input.detach().reshape(-1, n_in) for call in calls], dim=0)
+    # The input as the layer multiplied it: cast to its output's dtype under autocast.
+    X = _rows_of([call.linear_input.detach().reshape(-1, n_in).to(call.output_shapes[0][1])
+                  for call in calls], dim=0)
     D = _rows_of([d.detach().reshape(R, -1, n_out) for d in deltas], dim=1)  # R x N x n_out
     N = X.shape[0]
     M = torch.zeros(R, R, dtype=torch.float64)

@@ -13,6 +13,11 @@ The Gramian is accumulated per block in float64, M = sum_k M_k; then by the meth
 An update J^T c whose norm is below its own float64 rounding error (``gramian.rounding_floor``;
 e.g. at a Pareto-stationary point) is made exact zeros: its direction would be noise. The
 update is returned unwritten (``Update``): the engine writes it into ``.grad`` in place.
+
+Loss scaling (``scale`` = s, a ``torch.amp.GradScaler``'s scale): the blocks are then the
+gradients of s L_i. The method sees the Gramian of the gradients of the L_i, M = (s^2 M) / s^2
+(exact for a power of two, as a GradScaler's scale is), and the update is s J^T c: the product of
+the scaled blocks with the same weights, which ``scaler.step`` divides by s again.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import InvalidOptionError, NonFiniteError, ShapeError
+from .errors import InvalidOptionError, NonFiniteError, NonFiniteGradientError, ShapeError
 from .gramian import check_block, combine_block, gramian_of_blocks, rounding_floor
 from .kernels import Rows
 from .linalg import single_threaded_blas
@@ -46,7 +51,7 @@ class Update:
     weights: Tensor | None = None  # (T,) when the update is J^T c
     diagnostics: dict[str, Any] = field(default_factory=dict)
     block_weights: list[Tensor] | None = None  # r_k (R,) float64 per block
-    block_updates: list[Tensor] | None = None  # flat, per block, in each block's dtype
+    block_updates: list[Tensor] | None = None  # flat, per block, in its dtype, as written
     layer_gramians: dict[str, Tensor] = field(default_factory=dict)  # layer -> R x R float64
     row_products: Tensor | None = None  # J D (R,) float64: each row's gradient . the update
     update_sq_norm: float | None = None  # ||D||^2
@@ -97,20 +102,25 @@ def compute_update(
     losses: Any = None,
     combinations: np.ndarray | None = None,
     features: Sequence[Tensor] | None = None,
+    scale: float = 1.0,
 ) -> Update:
-    """The method's update for a Jacobian given in blocks (see the module docstring)."""
-    block_gramians = [gramian_of_blocks([block]) for block in blocks]
+    """The method's update for a Jacobian given in blocks (see the module docstring).
+
+    ``scale``: the blocks are the gradients of ``scale`` times the losses (loss scaling).
+    """
+    block_gramians = [gramian_of_blocks([block]) / scale**2 for block in blocks]
     M = torch.stack(block_gramians).sum(dim=0)
     if not bool(torch.isfinite(M).all()):
         raise_non_finite(blocks, names, combination=combinations is not None)
     by_layer = layer_gramians(block_gramians, layers)
     kind = method.kind
     if kind == "block_gramians":
-        return _block_update(method, blocks, block_gramians, layers, M, losses, by_layer)
+        return _block_update(method, blocks, block_gramians, layers, M, losses, by_layer, scale)
     if kind == "jacobian":
         if losses is None and method.needs_losses:
             raise InvalidOptionError(f"{method!r} needs the losses: pass losses=[L_1, ..., L_T]")
-        stacked = [b if isinstance(b, Tensor) else torch.stack(list(b)) for b in blocks]
+        stacked = [_for_jacobian_method(b if isinstance(b, Tensor) else torch.stack(list(b)),
+                                        scale) for b in blocks]
         updates, diagnostics = method.combine_jacobian(
             stacked, losses=None if losses is None else np.asarray(losses, dtype=np.float64),
             features=features)
@@ -123,6 +133,8 @@ def compute_update(
         # O(T^2 d) of the Gramian.
         products = sum(J.to(u.dtype) @ u for J, u in zip(stacked, updates, strict=True)).cpu()
         sq_norm = float(sum(torch.dot(u, u).item() for u in updates))
+        updates = [_as_written(u, scale, dtype, name) for u, dtype, name
+                   in zip(updates, blocks_dtypes(blocks), names, strict=True)]
         return Update(M.cpu(), None, diagnostics, block_updates=updates,
                       layer_gramians=by_layer, row_products=products.to(torch.float64),
                       update_sq_norm=sq_norm)
@@ -132,7 +144,7 @@ def compute_update(
         last = [k for k, layer in enumerate(layers) if layer == layers[-1]]
         scoped = torch.stack([block_gramians[k] for k in last]).sum(dim=0)
     c, r, diagnostics = gramian_weights(method, M, blocks_dtypes(blocks), losses=losses,
-                                        combinations=combinations, scoped=scoped)
+                                        combinations=combinations, scoped=scoped, scale=scale)
     M = M.cpu()
     return Update(M, c, diagnostics, block_weights=[r] * len(blocks), layer_gramians=by_layer,
                   row_products=M @ r, update_sq_norm=float(r @ M @ r))
@@ -153,11 +165,12 @@ def layer_gramians(block_gramians: Sequence[Tensor], layers: Sequence[str]) -> d
 
 def gramian_weights(
     method: Method, M: Tensor, dtypes: Sequence[torch.dtype], *, losses: Any = None,
-    combinations: np.ndarray | None = None, scoped: Tensor | None = None,
+    combinations: np.ndarray | None = None, scoped: Tensor | None = None, scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """c from the Gramian (of ``scoped`` if given), and the row weights r with J^T r = J^T c.
 
-    r is checked as ``_checked_row_weights`` says; ``dtypes`` are those of the update.
+    r is checked as ``_checked_row_weights`` says; ``dtypes`` are those of the update, which is
+    written as ``scale`` J^T r.
     """
     M = M.cpu()
     c, diagnostics = method.weights_with_diagnostics(M if scoped is None else scoped,
@@ -166,7 +179,7 @@ def gramian_weights(
     # With combinations A, J^T c = (A J)^T r for the r solving A^T r = c.
     r = c if combinations is None else torch.from_numpy(
         np.linalg.lstsq(combinations.T, c.numpy(), rcond=None)[0])
-    return c, _checked_row_weights(method, M, r, dtypes), diagnostics
+    return c, _checked_row_weights(method, M, r, dtypes, scale), diagnostics
 
 
 def blocks_dtypes(blocks: Sequence[Rows]) -> list[torch.dtype]:
@@ -175,7 +188,7 @@ def blocks_dtypes(blocks: Sequence[Rows]) -> list[torch.dtype]:
 
 def _block_update(
     method: Method, blocks: Sequence[Rows], block_gramians: list[Tensor],
-    layers: Sequence[str], M: Tensor, losses: Any, by_layer: dict[str, Tensor],
+    layers: Sequence[str], M: Tensor, losses: Any, by_layer: dict[str, Tensor], scale: float,
 ) -> Update:
     group_of = method.group_blocks(layers)
     count = max(group_of) + 1
@@ -192,7 +205,7 @@ def _block_update(
     for group in range(count):
         members = [blocks[k] for k, g in enumerate(group_of) if g == group]
         rows.append(_checked_row_weights(method, gramians[group], C[group],
-                                         blocks_dtypes(members)))
+                                         blocks_dtypes(members), scale))
     diagnostics = {**diagnostics, "block_weights": C, "groups": torch.tensor(group_of)}
     # J D = sum over groups of M^(g) r^(g): the group Gramians already hold every block.
     products = sum(gramians[g] @ rows[g] for g in range(count))
@@ -202,20 +215,20 @@ def _block_update(
 
 
 def _checked_row_weights(
-    method: Method, M: Tensor, r: Tensor, dtypes: Sequence[torch.dtype]
+    method: Method, M: Tensor, r: Tensor, dtypes: Sequence[torch.dtype], scale: float = 1.0
 ) -> Tensor:
     """r, or zeros when ||J^T r|| is below its own rounding error; NonFiniteError if unusable.
 
     Both are decided before anything is written, from M alone: ||J^T r||^2 = r^T M r, and every
-    element of J^T r is at most sum_i |r_i| ||g_i|| in magnitude.
+    element of the written update ``scale`` J^T r is at most ``scale`` sum_i |r_i| ||g_i||.
     """
     if not bool(torch.isfinite(r).all()):
         raise NonFiniteError(f"{method.name} returned non-finite weights {r.tolist()}")
     norms = torch.sqrt(torch.clamp(torch.diagonal(M), min=0.0))
-    bound = float((r.abs() * norms).sum())
+    bound = scale * float((r.abs() * norms).sum())
     largest = min((torch.finfo(dtype).max for dtype in dtypes), default=float("inf"))
     if bound >= largest:
-        raise NonFiniteError(
+        raise NonFiniteGradientError(
             f"the update of {method.name} overflows: its elements may reach {bound:.3g}"
         )
     if float(r @ M @ r) <= rounding_floor(M, r) ** 2:
@@ -229,7 +242,30 @@ def raise_non_finite(blocks: Sequence[Rows], names: Sequence[str], combination: 
         for task, row in enumerate(check_block(block)):
             if not bool(torch.isfinite(row).all()):
                 subject = f"combined loss {task}" if combination else f"loss {task}"
-                raise NonFiniteError(
+                raise NonFiniteGradientError(
                     f"the gradient of {subject} with respect to {name} contains NaN or infinity"
                 )
-    raise NonFiniteError("the task gradients are too large: their Gramian overflows float64")
+    raise NonFiniteGradientError(
+        "the task gradients are too large: their Gramian overflows float64")
+
+
+def _for_jacobian_method(block: Tensor, scale: float) -> Tensor:
+    """A block as a Jacobian method gets it: unscaled, and in at least float32.
+
+    These methods compute with the gradients themselves (DB-MTL's moving averages): in half
+    precision every operation would round to 8 or 11 bits, and unscaling float16 would flush the
+    small gradients that loss scaling kept. Widening is exact.
+    """
+    wide = block.to(torch.promote_types(block.dtype, torch.float32))
+    return wide if scale == 1.0 else wide / scale
+
+
+def _as_written(update: Tensor, scale: float, dtype: torch.dtype, name: str) -> Tensor:
+    """A Jacobian method's update of one block, scaled and in the block's dtype, as written."""
+    if scale == 1.0 and update.dtype == dtype:
+        return update  # checked by compute_update already
+    written = (update if scale == 1.0 else update * scale).to(dtype)
+    if not bool(torch.isfinite(written).all()):
+        raise NonFiniteGradientError(
+            f"the update for {name} overflows {dtype} (scaled by {scale:g})")
+    return written

@@ -69,9 +69,10 @@ def _seeds(args: argparse.Namespace) -> list[int]:
     return list(range(args.first_seed, args.first_seed + args.seeds))
 
 
-def checkpointing(args: argparse.Namespace) -> dict[str, Any]:
-    """run_many's checkpoint options from --checkpoint-every and --resume."""
-    return {"checkpoint_every": args.checkpoint_every, "resume": args.resume}
+def execution(args: argparse.Namespace) -> dict[str, Any]:
+    """run_many's execution options: --checkpoint-every, --resume, --nproc."""
+    return {"checkpoint_every": args.checkpoint_every, "resume": args.resume,
+            "nproc": args.nproc}
 
 
 def command_run(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -81,7 +82,7 @@ def command_run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     config = _config(problem, args)
     records = run_many(problem.name, [spec], _seeds(args), config, _device(args.device),
                        args.out, args.force, progress=not args.quiet,
-                       **checkpointing(args))[spec.label]
+                       **execution(args))[spec.label]
     print(f"{problem.name} / {spec.label} ({records[0]['note']})")
     for record in records:
         metrics = record["metrics"]["test"]
@@ -106,7 +107,7 @@ def command_compare(args: argparse.Namespace, extra: Sequence[str]) -> int:
         specs.insert(0, MethodSpec(SINGLE_TASK))
     records = run_many(problem.name, specs, _seeds(args), config, _device(args.device),
                        args.out, args.force, progress=not args.quiet,
-                       **checkpointing(args))
+                       **execution(args))
     rows = summarize(problem, config, records)
     note = next(iter(records.values()))[0]["note"]
     text = compare_markdown(problem, config, rows, note, args.command_line)
@@ -133,7 +134,7 @@ def command_sweep(args: argparse.Namespace, extra: Sequence[str]) -> int:
     specs = [MethodSpec(name, {**fixed, option: value}) for value in values]
     records = run_many(problem.name, specs, _seeds(args), config, _device(args.device),
                        args.out, args.force, progress=not args.quiet,
-                       **checkpointing(args))
+                       **execution(args))
     result = sweep_summary(problem, config, specs, option, records)
     metrics = problem.metrics(config)
     folder = Path(args.out) / problem.name
@@ -185,6 +186,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                         help="save each run's full state every N steps (atomically, beside its "
                         "record; removed when the run completes)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train each run in N processes with torch.distributed (each on its "
+                        "share of every batch; --set ddp=local for local mode; default 1)")
     parser.add_argument("--resume", action="store_true",
                         help="continue interrupted runs from their checkpoints (with "
                         "--checkpoint-every); the result equals an uninterrupted run's")

@@ -26,7 +26,7 @@ from ..diagnostics.plots import plot_cosine_histograms, plot_layer_heatmap
 from ..errors import InvalidOptionError
 from ..io import write_json, write_text
 from ..recon.scores import conflict_scores, top_layers
-from .commands import _config, _device, _seeds, checkpointing
+from .commands import _config, _device, _seeds, execution
 from .problems import get_problem
 from .problems.base import SupervisedProblem
 from .report import _cell, summarize
@@ -172,7 +172,7 @@ def command_recon(args: argparse.Namespace) -> int:
                             (f"{spec.label} + Recon", {**measured, "branch": chosen})):
         runs[label] = run_many(problem.name, [spec], _seeds(args), settings, device, args.out,
                                args.force, progress=not args.quiet,
-                               **checkpointing(args))[spec.label]
+                               **execution(args))[spec.label]
     histograms = {label: _summed_histogram(records) for label, records in runs.items()}
     plot = plot_cosine_histograms(histograms, folder / "cosine_histograms.png",
                                   title=f"{problem.name}, {spec.label}: pairwise cosines of the "

@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -32,10 +33,16 @@ import torch
 
 from .. import __version__
 from ..errors import InvalidOptionError
-from ..io import write_json
+from ..io import save_torch, write_json
 from ..methods.registry import get, method_class
 from .problems import get_problem
-from .problems.base import Checkpointing, Problem, SupervisedProblem, essential_config
+from .problems.base import (
+    Checkpointing,
+    Problem,
+    SupervisedProblem,
+    TrainResult,
+    essential_config,
+)
 
 SINGLE_TASK = "single_task"
 
@@ -136,11 +143,13 @@ def _clean(value: Any) -> Any:
 def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any],
         device: str | torch.device = "cpu", out: str | Path = "results", force: bool = False,
         progress: bool = False, checkpoint_every: int | None = None,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, nproc: int = 1) -> dict[str, Any]:
     """Train (or reuse) one run and return its record.
 
     ``checkpoint_every`` N: save the run's state every N steps beside its record
     (``<record>.ckpt``, removed when the run completes); ``resume``: continue from it.
+    ``nproc`` > 1: train in that many processes with torch.distributed (gloo on the CPU, NCCL on
+    CUDA), each on its share of every batch, combined as the configuration's ``ddp`` says.
     """
     problem = get_problem(problem_name)
     spec.check()
@@ -156,6 +165,12 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
         raise InvalidOptionError(f"{problem.name} runs in seconds to minutes and is not "
                                  "checkpointed; --checkpoint-every and --resume apply to "
                                  "census-income, digits, multi-mnist and nyuv2")
+    if nproc < 1 or (nproc > 1 and spec.name == SINGLE_TASK):
+        raise InvalidOptionError(f"--nproc {nproc}: give a positive number of processes (the "
+                                 "single-task baseline runs in one)")
+    if nproc > 1 and not isinstance(problem, SupervisedProblem):
+        raise InvalidOptionError(f"{problem.name} trains on a handful of points; --nproc "
+                                 "applies to census-income, digits, multi-mnist and nyuv2")
     if resume and checkpoint_every is None:
         raise InvalidOptionError("--resume needs --checkpoint-every (how often to keep saving)")
 
@@ -181,12 +196,16 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
             note = result.note
     else:
         plans = [checkpoint()]
-        result = problem.train(spec.factory(), config, seed, device, progress=progress,
-                               **plans[0])
+        if nproc > 1:
+            result = train_distributed(problem, spec, config, seed, device, nproc, progress,
+                                       plans[0])
+        else:
+            result = problem.train(spec.factory(), config, seed, device, progress=progress,
+                                   **plans[0])
         metrics, statistics, note = result.metrics, result.statistics, result.note
     record = _clean({
         "problem": problem.name, "method": spec.name, "options": spec.options,
-        "label": spec.label, "seed": seed, "config": config, "metrics": metrics,
+        "label": spec.label, "seed": seed, "config": config, "nproc": nproc, "metrics": metrics,
         "statistics": statistics, "note": note, "device": str(device),
         "deconflict_version": __version__, "torch_version": torch.__version__,
         "wall_time_s": time.perf_counter() - started,
@@ -195,14 +214,57 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
     write_json(path, record)
     for plan in plans:  # the record is complete: the checkpoints have served
         if plan:
-            plan["checkpoint"].path.unlink(missing_ok=True)
+            path = plan["checkpoint"].path
+            path.unlink(missing_ok=True)
+            for rank in range(nproc if nproc > 1 else 0):  # one per rank (problems.base)
+                path.with_name(f"{path.stem}.rank{rank}{path.suffix}").unlink(missing_ok=True)
     return record
+
+
+def train_distributed(problem: Problem, spec: MethodSpec, config: Mapping[str, Any], seed: int,
+                      device: torch.device, nproc: int, progress: bool,
+                      plan: Mapping[str, Any]) -> TrainResult:
+    """Train in ``nproc`` processes (one per rank, spawned here) and return rank 0's result."""
+    import tempfile
+
+    import torch.multiprocessing as multiprocessing
+
+    with tempfile.TemporaryDirectory(prefix="deconflict-ddp-") as folder:
+        result_path = Path(folder) / "result.pt"
+        multiprocessing.spawn(
+            _rank_main, nprocs=nproc, join=True,
+            args=(nproc, f"file://{folder}/store", str(result_path), problem.name, spec, config,
+                  seed, str(device), progress, dict(plan)))
+        metrics, statistics, note = torch.load(result_path, weights_only=False)
+    return TrainResult(metrics, statistics, note)
+
+
+def _rank_main(rank: int, nproc: int, store: str, result_path: str, problem_name: str,
+               spec: MethodSpec, config: Mapping[str, Any], seed: int, device: str,
+               progress: bool, plan: dict[str, Any]) -> None:
+    """One rank of ``train_distributed``: join the group, train, rank 0 saves the result."""
+    import torch.distributed as distributed
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        device = f"cuda:{rank}"
+    # The machine's cores are shared among the ranks.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+    distributed.init_process_group(backend, init_method=store, rank=rank, world_size=nproc)
+    try:
+        result = get_problem(problem_name).train(spec.factory(), config, seed,
+                                                 torch.device(device),
+                                                 progress=progress and rank == 0, **plan)
+        if rank == 0:
+            save_torch(result_path, (result.metrics, result.statistics, result.note))
+    finally:
+        distributed.destroy_process_group()
 
 
 def run_many(problem_name: str, specs: Sequence[MethodSpec], seeds: Sequence[int],
              config: Mapping[str, Any], device: str = "cpu", out: str | Path = "results",
              force: bool = False, progress: bool = True, checkpoint_every: int | None = None,
-             resume: bool = False) -> dict[str, list[dict[str, Any]]]:
+             resume: bool = False, nproc: int = 1) -> dict[str, list[dict[str, Any]]]:
     """Every (method, seed) run; records grouped by method label, in the given order."""
     from tqdm import tqdm
 
@@ -213,5 +275,5 @@ def run_many(problem_name: str, specs: Sequence[MethodSpec], seeds: Sequence[int
     for spec, seed in tqdm(jobs, desc=f"{problem_name}: runs", unit="run", disable=not progress):
         records[spec.label].append(run(problem_name, spec, seed, config, device, out, force,
                                        progress=False, checkpoint_every=checkpoint_every,
-                                       resume=resume))
+                                       resume=resume, nproc=nproc))
     return records

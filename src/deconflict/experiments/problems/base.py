@@ -19,7 +19,7 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ...diagnostics import ConflictMonitor
+from ...distributed import global_losses
 from ...engine import backward
 from ...errors import InvalidOptionError
 from ...io import save_torch
@@ -39,7 +40,7 @@ MethodFactory = Callable[[], Method]
 # Settings every supervised problem accepts beside its own. At these values a run is what it
 # was before they existed, so they are left out of a configuration's identity
 # (``essential_config``) and earlier run records stay valid.
-NEUTRAL_SETTINGS: dict[str, Any] = {"branch": [], "measure_conflicts": False}
+NEUTRAL_SETTINGS: dict[str, Any] = {"branch": [], "measure_conflicts": False, "ddp": "exact"}
 
 
 def essential_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -195,7 +196,8 @@ class SupervisedProblem(Problem):
     $DECONFLICT_DATA), and the ``NEUTRAL_SETTINGS``: ``branch`` (Recon: shared layers made
     task-specific with ``recon.branch``, re-initialized per task; only the still-shared
     parameters go to the method) and ``measure_conflicts`` (per-task gradients even for
-    loss-weighting methods, so that their conflicts are measured; slower).
+    loss-weighting methods, so that their conflicts are measured; slower) and ``ddp`` (with
+    several processes: "exact" or "local", see ``deconflict.backward``'s ``distributed``).
     """
 
     def resolve_config(self, overrides: Mapping[str, Any] | None = None,
@@ -265,6 +267,14 @@ class SupervisedProblem(Problem):
         compute_gramian = True if measure and method.kind == "losses" else None
         monitor = monitor or ConflictMonitor(method, task_names=tasks)
         shared = model.shared_parameters()
+        world, rank = _process_group()
+        # Several processes (torch.distributed initialized, e.g. by `deconflict run --nproc`):
+        # each takes every world-th example of the global batch and deconflict.backward
+        # combines the ranks' gradients as config["ddp"] says ("exact" or "local").
+        sync = {} if world == 1 else {"distributed": config.get("ddp", "exact")}
+        if world > 1 and checkpoint is not None:
+            checkpoint = replace(checkpoint, path=checkpoint.path.with_name(
+                f"{checkpoint.path.stem}.rank{rank}{checkpoint.path.suffix}"))
         generator = torch.Generator().manual_seed(seed)
         position = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0}
         identity = {"problem": self.name, "config": essential_config(config), "seed": seed,
@@ -288,6 +298,11 @@ class SupervisedProblem(Problem):
                     data.train.batches(config["batch_size"], generator)):
                 if batch < skip:
                     continue
+                if world > 1:
+                    if len(inputs) < world:  # every rank sees this and skips it alike
+                        continue
+                    inputs = inputs[rank::world]
+                    targets = {t: v[rank::world] for t, v in targets.items()}
                 inputs = inputs.to(device)
                 targets = {t: v.to(device) for t, v in targets.items()}
                 features, outputs = model(inputs)
@@ -295,13 +310,15 @@ class SupervisedProblem(Problem):
                 optimizer.zero_grad(set_to_none=True)
                 record = backward(losses, shared, method,
                                   features=features if representation else None,
-                                  compute_gramian=compute_gramian)
+                                  compute_gramian=compute_gramian, **sync)
                 monitor.observe(record)
                 optimizer.step()
                 if method.needs_losses_after_step:
                     with torch.no_grad():
-                        method.after_step(torch.stack(self.losses(model(inputs)[1], targets,
-                                                                  tasks)))
+                        after = torch.stack(self.losses(model(inputs)[1], targets, tasks))
+                        if sync.get("distributed") == "exact":
+                            after = global_losses(after)
+                        method.after_step(after)
                 bar.update()
                 step += 1
                 if checkpoint is not None and step % checkpoint.every == 0:
@@ -315,6 +332,8 @@ class SupervisedProblem(Problem):
             if end_epoch is not None:
                 end_epoch()
         bar.close()
+        if rank != 0:  # rank 0 evaluates and reports for all: the models are the same
+            return TrainResult({}, {}, data.note, model)
         metrics = {}
         model.eval()
         with torch.no_grad():
@@ -325,6 +344,14 @@ class SupervisedProblem(Problem):
         summary["parameters"] = sum(p.numel() for p in model.parameters())
         summary["shared_parameters"] = sum(p.numel() for _, p in shared)
         return TrainResult(metrics, summary, data.note, model)
+
+
+def _process_group() -> tuple[int, int]:
+    """(world size, rank) of the default process group, (1, 0) without one."""
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_world_size(), distributed.get_rank()
+    return 1, 0
 
 
 def _rng_states() -> dict[str, Any]:
