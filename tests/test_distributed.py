@@ -215,6 +215,21 @@ def _worker_scenarios(rank: int) -> dict[str, Any]:
         out[f"error/one_rank/{mode}/grads"] = grads(net)
         if handle is not None:
             handle.remove()
+    # A GradScaler overflow on rank 1 only: every rank's scaler must skip the step.
+    for mode in ("exact", "local"):
+        net = Net()
+        before = params(net)
+        optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+        _, losses = task_losses(net, x, y)
+        if rank == 1:
+            losses[0] = losses[0] * float("inf")
+        record = deconflict.backward(losses, net.trunk, "gradops", scaler=scaler,
+                                     distributed=mode)
+        scaler.step(optimizer)
+        scaler.update()
+        out[f"scaler_overflow/{mode}"] = {"skipped": record.skipped, "before": before,
+                                          "after": params(net), "scale": scaler.get_scale()}
     # The ranks are still in step after all that.
     out["after_errors"] = one_step(Net(), "gradops", x, y, distributed="exact")
     return out
@@ -416,3 +431,15 @@ def test_needs_an_initialized_process_group() -> None:
         deconflict.backward(losses, net.trunk, "mgda", process_group=object())
     assert all(p.grad is None for p in net.parameters())
     assert math.isfinite(losses[0].item())
+
+
+@pytest.mark.parametrize("mode", ["exact", "local"])
+def test_a_scaler_overflow_on_one_rank_skips_the_step_on_every_rank(ranks: list,
+                                                                     mode: str) -> None:
+    """Rank 1's scaled loss overflows; no rank may step (their parameters would drift apart),
+    and every rank's scaler lowers its scale alike."""
+    for rank in ranks:
+        outcome = rank[f"scaler_overflow/{mode}"]
+        assert_same_bits(outcome["after"], outcome["before"])
+        assert outcome["scale"] == 2.0**3
+    assert ranks[1][f"scaler_overflow/{mode}"]["skipped"]
