@@ -119,6 +119,7 @@ def main() -> None:
     if rank == 0:
         print(f"parameters identical on the {world} ranks: "
               f"{all(torch.equal(s, sums[0]) for s in sums)}")
+    dist.barrier()  # every rank done with its collectives before the group goes
     dist.destroy_process_group()
 
 

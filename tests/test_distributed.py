@@ -240,6 +240,7 @@ def _worker(rank: int, init: str, directory: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
         torch.save(_worker_scenarios(rank), Path(directory) / f"rank{rank}.pt")
+        dist.barrier()  # leave together (see runner._rank_main)
     finally:
         dist.destroy_process_group()
 

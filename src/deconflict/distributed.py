@@ -46,9 +46,9 @@ parameters reached, n elements of one rank's features); ``StepRecord.communicati
 Gradient accumulation: only what the call adds is averaged (the existing ``.grad`` of the
 tensors the losses reach is set aside during the call and added back).
 
-How the engine uses this module: ``backward(..., distributed=...)`` hands its arguments to
-``run_step``, which calls ``backward`` again without ``distributed`` inside a step that the
-engine's hooks find with ``active_step()``: ``handshake`` (the losses), ``prepare`` (what will
+How the engine uses this module: ``backward(..., distributed=...)`` hands its single-process
+step to ``run_step``, which runs it inside a step that the engine's hooks find with
+``active_step()``: ``handshake`` (the losses), ``prepare`` (what will
 be averaged), ``exchange`` (the Jacobian blocks) and ``local_part`` (representation mode's
 update).
 """
@@ -108,10 +108,11 @@ class Communication:
 
 
 def run_step(
-    backward: Callable[..., StepRecord], options: dict[str, Any], distributed: str | None,
+    step: Callable[[], StepRecord], method: Method, distributed: str | None,
     process_group: Any,
 ) -> StepRecord:
-    """``backward(**options)`` as one distributed step (see the module docstring)."""
+    """``step()`` (the engine's single-process backward with ``method``) as one distributed
+    step (see the module docstring)."""
     if distributed is None:
         raise InvalidOptionError("process_group is given but distributed is None: pass "
                                  "distributed='exact' or 'local'")
@@ -119,7 +120,6 @@ def run_step(
         raise InvalidOptionError(
             f"distributed must be 'exact', 'local' or None, got {distributed!r}")
     group = _group(process_group, f"distributed={distributed!r}")
-    method = options["method"]
     sync = _Sync(distributed, group, method)
     if sync.exact and _has_state(method) and _SYNCED.get(method) is not group:
         sync.count(broadcast_bytes=_broadcast_state(method, group), collectives=1)
@@ -128,7 +128,7 @@ def run_step(
     try:
         try:
             with sync.method_generator():
-                record = backward(**options)
+                record = step()
         except Exception:
             # Once the Jacobian is exchanged, the gradient all-reduce is the only collective
             # left: joining it tells the other ranks, which would otherwise wait forever.

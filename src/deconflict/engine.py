@@ -46,6 +46,7 @@ per-task gradients across ranks before the method runs, or the updates after it.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -199,13 +200,22 @@ def backward(
         ShapeError: a loss is not a scalar, no loss was given, ...
         InvalidOptionError, UnknownMethodError: bad options or method name.
     """
-    if distributed is not None or process_group is not None:
-        # The same call, made again inside a distributed step: every argument but these two.
-        options = dict(locals())
-        del options["distributed"], options["process_group"]
-        options["method"] = resolve_method(method)
-        return run_step(backward, options, distributed, process_group)
     method = resolve_method(method)
+    step = functools.partial(
+        _backward, losses, shared_params, method, mode=mode, chunk_size=chunk_size,
+        features=features, head_weights=head_weights, compute_gramian=compute_gramian,
+        retain_graph=retain_graph, scaler=scaler)
+    if distributed is None and process_group is None:
+        return step()
+    return run_step(step, method, distributed, process_group)
+
+
+def _backward(
+    losses: Sequence[Tensor] | Tensor, shared_params: Any, method: Method, *, mode: str,
+    chunk_size: int | None, features: Any, head_weights: str, compute_gramian: bool | None,
+    retain_graph: bool, scaler: torch.amp.GradScaler | None,
+) -> StepRecord:
+    """``backward`` on this process (inside a distributed step, its hooks exchange data)."""
     if head_weights not in ("auto", "unit", "method"):
         raise InvalidOptionError(
             f"head_weights must be 'auto', 'unit' or 'method', got {head_weights!r}"

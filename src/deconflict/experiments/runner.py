@@ -257,6 +257,9 @@ def _rank_main(rank: int, nproc: int, store: str, result_path: str, problem_name
                                                  progress=progress and rank == 0, **plan)
         if rank == 0:
             save_torch(result_path, (result.metrics, result.statistics, result.note))
+        # Tear the group down together: a rank leaving while another still holds its gloo
+        # connections can abort ("terminate called without an active exception").
+        distributed.barrier()
     finally:
         distributed.destroy_process_group()
 
