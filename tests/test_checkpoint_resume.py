@@ -39,14 +39,6 @@ def _assert_same_run(resumed, uninterrupted):
         assert torch.equal(a, b), name
 
 
-@pytest.fixture
-def census_data(tmp_path, monkeypatch):
-    from test_experiment_data import census_rows, write_census
-
-    write_census(tmp_path / "data" / "census-income", census_rows(600))
-    monkeypatch.setenv("DECONFLICT_DATA", str(tmp_path / "data"))
-
-
 @pytest.mark.parametrize(("problem_name", "method", "every", "stop_after"), [
     ("digits", "dwa", 4, 2),            # mid-epoch; DWA's per-epoch state
     ("digits", "pcgrad", 5, 1),         # at an epoch's end; PCGrad draws from the global RNG

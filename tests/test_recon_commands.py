@@ -44,14 +44,6 @@ def test_neutral_settings_keep_earlier_run_keys():
     assert config_key({**config, "branch": ["latent.1"]}) != config_key(config)
 
 
-@pytest.fixture
-def census_data(tmp_path, monkeypatch):
-    from test_experiment_data import census_rows, write_census
-
-    write_census(tmp_path / "data" / "census-income", census_rows(600))
-    monkeypatch.setenv("DECONFLICT_DATA", str(tmp_path / "data"))
-
-
 def test_branching_a_model_without_a_trunk_is_a_clear_error(census_data):
     problem = get_problem("census-income")
     config = problem.resolve_config({"model": "mmoe", "branch": ["0.0"]}, smoke=True)

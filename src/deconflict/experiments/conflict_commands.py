@@ -29,7 +29,7 @@ from ..recon.scores import conflict_scores, top_layers
 from .commands import _config, _device, _seeds, execution
 from .problems import get_problem
 from .problems.base import SupervisedProblem
-from .report import _cell, summarize
+from .report import _cell, percent, summarize
 from .runner import MethodSpec, _slug, run_many
 
 
@@ -40,10 +40,6 @@ def _supervised(name: str) -> SupervisedProblem:
             f"{problem.name} is not trained by layers of a shared network; diagnose and recon "
             "take census-income, digits, multi-mnist or nyuv2")
     return problem
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def monitored_run(problem: SupervisedProblem, spec: MethodSpec, config: Mapping[str, Any],
@@ -117,9 +113,9 @@ def diagnose_markdown(problem: SupervisedProblem, config: Mapping[str, Any],
         cosines = summary.get("mean_update_cosine") or [None] * len(tasks)
         lines.append(
             f"| {label} | {summary.get('mean_conflicting_pairs', 0.0):.2f} | "
-            f"{_percent(summary.get('conflict_step_fraction'))} | "
-            f"{_percent(summary.get('weak_non_conflict_fraction'))} | "
-            f"{_percent(summary.get('strong_non_conflict_fraction'))} | "
+            f"{percent(summary.get('conflict_step_fraction'))} | "
+            f"{percent(summary.get('weak_non_conflict_fraction'))} | "
+            f"{percent(summary.get('strong_non_conflict_fraction'))} | "
             + " | ".join("-" if c is None else f"{c:.3f}" for c in cosines) + " | "
             + " | ".join(f"{metrics[m.name]:.4f}" for m in problem.metrics(config)) + " |")
     lines += ["", "Fraction of (step, pair) entries with a negative cosine, per shared layer:", "",
@@ -127,7 +123,7 @@ def diagnose_markdown(problem: SupervisedProblem, config: Mapping[str, Any],
               "|" + "---|" * (1 + len(rows))]
     layers = list(rows[0][1].get("layer_conflict_fraction", {}))
     for layer in layers:
-        cells = [_percent(summary.get("layer_conflict_fraction", {}).get(layer))
+        cells = [percent(summary.get("layer_conflict_fraction", {}).get(layer))
                  for _, summary, _ in rows]
         lines.append(f"| {layer or '(root)'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -227,7 +223,7 @@ def recon_markdown(problem: SupervisedProblem, config: Mapping[str, Any], base: 
                      + " | ".join(_cell(row.means[m.name], row.stds[m.name]) for m in metrics)
                      + f" | {statistics.get('parameters', 0):,} | "
                      f"{statistics.get('shared_parameters', 0):,} | {pairs:.2f} | "
-                     f"{_percent(float(np.mean(strong)) if strong else None)} |")
+                     f"{percent(float(np.mean(strong)) if strong else None)} |")
     lines += ["", f"Data: {next(iter(runs.values()))[0]['note'] or 'generated in code'}"]
     return "\n".join(lines) + "\n"
 

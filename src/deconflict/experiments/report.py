@@ -101,6 +101,11 @@ def summarize(problem: Problem, config: Mapping[str, Any], records: Records,
     return rows
 
 
+def percent(value: float | None) -> str:
+    """A fraction as a table cell: "12.3%", or "-" when unknown."""
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def _cell(mean: float, std: float) -> str:
     if not math.isfinite(mean):
         return "-"
@@ -137,7 +142,7 @@ def compare_markdown(problem: Problem, config: Mapping[str, Any], rows: Sequence
         cells.append("-" if row.rank is None else f"{row.rank:.2f}")
         for key in ("strong_non_conflict_fraction", "weak_non_conflict_fraction"):
             value = row.statistics.get(key)
-            cells.append("-" if value is None else f"{100 * value:.1f}%")
+            cells.append(percent(value))
         lines.append("| " + " | ".join(cells) + " |")
     dominance = [(row.label, row.statistics["mean_r"]) for row in rows
                  if row.statistics.get("mean_r")]

@@ -214,10 +214,10 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
     write_json(path, record)
     for plan in plans:  # the record is complete: the checkpoints have served
         if plan:
-            path = plan["checkpoint"].path
-            path.unlink(missing_ok=True)
-            for rank in range(nproc if nproc > 1 else 0):  # one per rank (problems.base)
-                path.with_name(f"{path.stem}.rank{rank}{path.suffix}").unlink(missing_ok=True)
+            checkpoint = plan["checkpoint"]
+            checkpoint.path.unlink(missing_ok=True)
+            for rank in range(nproc if nproc > 1 else 0):
+                checkpoint.for_rank(rank).path.unlink(missing_ok=True)
     return record
 
 

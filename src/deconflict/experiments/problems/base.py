@@ -34,6 +34,7 @@ from ...engine import backward
 from ...errors import InvalidOptionError
 from ...io import save_torch
 from ...methods.base import Method
+from ...recon import BranchedModule, branch
 
 MethodFactory = Callable[[], Method]
 
@@ -86,6 +87,11 @@ class Checkpointing:
         if not isinstance(self.every, int) or self.every < 1:
             raise InvalidOptionError(f"checkpoint interval must be a positive number of steps, "
                                      f"got {self.every!r}")
+
+    def for_rank(self, rank: int) -> Checkpointing:
+        """The same plan for one rank of a distributed run: a file of its own."""
+        return replace(self, path=self.path.with_name(
+            f"{self.path.stem}.rank{rank}{self.path.suffix}"))
 
 
 class Problem(ABC):
@@ -147,8 +153,6 @@ class MultiTaskModel(nn.Module):
 
     def shared_parameters(self) -> list[tuple[str, Tensor]]:
         """The parameters every task shares (without the branched copies after Recon)."""
-        from ...recon import BranchedModule
-
         if isinstance(self.shared, BranchedModule):
             return list(self.shared.shared_parameters())
         return list(self.shared.named_parameters())
@@ -156,8 +160,6 @@ class MultiTaskModel(nn.Module):
     def task_streams(self, z: Any, count: int) -> list[Any]:
         """The trunk's output for each of ``count`` tasks: its per-task streams once Recon
         branched it, else the one shared representation ``count`` times."""
-        from ...recon import BranchedModule
-
         return list(z) if isinstance(self.shared, BranchedModule) else [z] * count
 
 
@@ -243,8 +245,6 @@ class SupervisedProblem(Problem):
                     f"{self.name}: the {type(model).__name__} model has no single shared trunk "
                     "module whose layers Recon could branch"
                 )
-            from ...recon import branch
-
             model.shared = branch(model.shared, layers, len(tasks))
             model.shared.reset_branches()  # Recon retrains from scratch: copies start apart
         return model
@@ -273,8 +273,7 @@ class SupervisedProblem(Problem):
         # combines the ranks' gradients as config["ddp"] says ("exact" or "local").
         sync = {} if world == 1 else {"distributed": config.get("ddp", "exact")}
         if world > 1 and checkpoint is not None:
-            checkpoint = replace(checkpoint, path=checkpoint.path.with_name(
-                f"{checkpoint.path.stem}.rank{rank}{checkpoint.path.suffix}"))
+            checkpoint = checkpoint.for_rank(rank)
         generator = torch.Generator().manual_seed(seed)
         position = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0}
         identity = {"problem": self.name, "config": essential_config(config), "seed": seed,
