@@ -32,6 +32,7 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python step.py
 	cd benchmarks && ../$(BIN)/python memory.py
 	cd benchmarks && ../$(BIN)/python many_tasks.py
+	cd benchmarks && ../$(BIN)/python non_finite.py --repeats 5
 	cd benchmarks && ../$(BIN)/python distributed.py
 
 clean:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from properties import assert_close_relative, update
-from strategies import build_jacobian, jacobians
+from properties import assert_close_relative, assert_no_conflict, conflict_tolerances, update
+from strategies import build_jacobian, build_stationary_jacobian, jacobians
 
 import deconflict
 from deconflict.methods.cagrad_fast import subsampling_matrix
@@ -109,3 +109,85 @@ def test_fast_full_gramian_path_equals_combination_path_for_the_same_seed():
     reduced = A @ J
     via_rows = method.weights(reduced @ reduced.T, combinations=A)
     torch.testing.assert_close(via_rows, via_full, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------ the degenerate case (issue 13)
+def test_issue_degenerate_case_follows_eq3():
+    """G = [[2, 0.3], [-1, -0.15]]: g2 = -g1 / 2, so (1/3) g1 + (2/3) g2 = 0 (strongly
+    stationary) and the dual cone is {x : g1 . x = 0}. With c = 10, D = 0 is in the ball and
+    attains the optimum 0 of Eq. 3; P(g0) = 0 too (g0 = g1 / 4 is orthogonal to that cone).
+    The official guard returns g0 instead: G g0 = [1.0225, -0.51125], conflicting."""
+    G = np.array([[2.0, 0.3], [-1.0, -0.15]])
+    c, diagnostics = deconflict.CAGrad(c=10.0, rescale=0).weights_with_diagnostics(G @ G.T)
+    assert diagnostics["stationary"]
+    np.testing.assert_allclose(G @ (c.numpy() @ G), [0.0, 0.0], atol=1e-15)
+    official = update(deconflict.CAGrad(c=10.0, rescale=0, degenerate="official"), G)
+    np.testing.assert_allclose(G @ official, [1.0225, -0.51125], rtol=1e-14)
+
+
+def test_degenerate_weakly_stationary_hull_improves_the_free_task():
+    """g1 = (1, 0), g2 = (-1, 0), g3 = (1, 1): g1 + g2 = 0 but no strictly positive combination
+    vanishes. The cone {x : J x >= 0} is {(0, t) : t >= 0}, g0 = (1/3, 1/3), and P(g0) = (0, 1/3)
+    is in the ball for c >= 1 (distance 1/3 <= |g0| = 0.471): D = (0, 1/3), so J D = (0, 0, 1/3),
+    the optimum 0 of Eq. 3 with task 3 improving. The official guard's g0 conflicts with g2."""
+    J = np.array([[1.0, 0.0], [-1.0, 0.0], [1.0, 1.0]])
+    for c in (1.0, 10.0):
+        D = update(deconflict.CAGrad(c=c, rescale=0), J)
+        np.testing.assert_allclose(D, [0.0, 1.0 / 3.0], rtol=1e-14, atol=1e-15)
+
+
+STATIONARY_CASES = [(kind, seed) for kind in ("strong", "weak") for seed in range(24)]
+
+
+@pytest.mark.parametrize(("kind", "seed"), STATIONARY_CASES)
+def test_c_at_least_one_never_conflicts_when_the_hull_contains_zero(kind, seed):
+    """48 Jacobians whose hull contains 0 (24 strongly, 24 strictly weakly stationary; T from 3
+    to 6, every rank the class allows). For c >= 1 the ball contains D = 0, so Eq. 3's optimum
+    is >= 0: no task may get worse (the official guard, D = g0, fails 39 of these 48). At a
+    strongly stationary J the cone is J's null space and D = 0."""
+    rng = np.random.default_rng(seed)
+    tasks = int(rng.integers(3, 7))
+    dim = int(rng.integers(1, 7))
+    rank = int(rng.integers(1, min(dim, tasks - 1) + 1))
+    J = build_stationary_jacobian(kind, seed, tasks, dim, rank)
+    M = J @ J.T
+    for c in (1.0, 2.0):
+        for method in (deconflict.CAGrad(c=c, rescale=0),
+                       deconflict.CAGradFast(c=c, rescale=0, num_sampled=tasks)):
+            weights, diagnostics = method.weights_with_diagnostics(M)
+            weights = weights.numpy()
+            D = weights @ J
+            assert_no_conflict(J, D, conflict_tolerances(J, weights))
+            if kind == "strong" and diagnostics["stationary"]:
+                # Zero up to the rounding of D = J^T c: gamma sum_k |c_k| ||g_k||.
+                sigma = np.abs(weights) @ np.linalg.norm(J, axis=1)
+                assert np.linalg.norm(D) <= (6 * tasks + 2 * dim + 8) * 2.3e-16 * sigma
+
+
+@given(J=jacobians(), c=st.sampled_from([1.0, 1.5, 4.0]))
+def test_c_at_least_one_never_conflicts(J, c):
+    method = deconflict.CAGrad(c=c)
+    weights = method.weights(J @ J.T).numpy()
+    assert_no_conflict(J, weights @ J, conflict_tolerances(J, weights))
+
+
+def test_fast_sampled_excludes_the_single_left_out_task():
+    """K = 4, |S| = 3: A has rows e_0, e_2, e_3 and the mean of the rest, which is e_1 itself;
+    ``sampled`` is {0, 2, 3}, not all four tasks."""
+    J = build_jacobian("random", 2, 4, 5, 0.0)
+    A = subsampling_matrix(4, np.array([3, 0, 2]))
+    np.testing.assert_array_equal(A[-1], [0, 1, 0, 0])
+    reduced = A @ J
+    fast = deconflict.CAGradFast(num_sampled=3, seed=0)
+    _, diagnostics = fast.weights_with_diagnostics(torch.from_numpy(reduced @ reduced.T),
+                                                   combinations=torch.from_numpy(A))
+    assert diagnostics["sampled"].tolist() == [0, 2, 3]
+    for num_sampled in (1, 3, 4):
+        fast = deconflict.CAGradFast(num_sampled=num_sampled, seed=1)
+        _, diagnostics = fast.weights_with_diagnostics(J @ J.T)
+        assert len(diagnostics["sampled"]) == num_sampled
+
+
+def test_degenerate_option_is_validated():
+    with pytest.raises(deconflict.InvalidOptionError, match="degenerate"):
+        deconflict.CAGrad(degenerate="zero")

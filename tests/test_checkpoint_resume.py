@@ -87,8 +87,9 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
 
 def test_checkpoint_options_are_checked(tmp_path, capsys):
     out = ["--out", str(tmp_path), "--smoke", "--quiet"]
-    assert main(["run", "toy2d", "--method", "sum", "--checkpoint-every", "5", *out]) == 2
-    assert "not checkpointed" in capsys.readouterr().err
+    assert main(["run", "xor-and", "--method", "sum", "--checkpoint-every", "5", "--nproc", "2",
+                 *out]) == 2
+    assert "xor-and trains on 4 points" in capsys.readouterr().err
     assert main(["run", "digits", "--method", "sum", "--resume", *out]) == 2
     assert "--resume needs --checkpoint-every" in capsys.readouterr().err
 

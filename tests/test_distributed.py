@@ -9,6 +9,7 @@ single-process update on its half.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from properties import same_state
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -215,6 +217,20 @@ def _worker_scenarios(rank: int) -> dict[str, Any]:
         out[f"error/one_rank/{mode}/grads"] = grads(net)
         if handle is not None:
             handle.remove()
+        # Loss weighting (one backward pass) with a NaN in one task's shared gradient on rank 1:
+        # named there, told to rank 0, and no rank's method state advances.
+        method = deconflict.get("uw")
+        one_step(net, method, x, y, distributed=mode)
+        state, before = copy.deepcopy(method.state_dict()), grads(net)
+        z, losses = task_losses(net, x, y)
+        if rank == 1:
+            losses[2] = losses[2] + torch.sqrt(z[0, 0] * 0)
+        out[f"error/weighted_nan/{mode}"] = _outcome(lambda: deconflict.backward(
+            losses, net.trunk, method, distributed=mode))  # noqa: B023 - called at once
+        out[f"error/weighted_nan/{mode}/same"] = (
+            same_state(method.state_dict(), state)
+            and all(torch.equal(a, b) for a, b in zip(grads(net).values(), before.values(),
+                                                      strict=True)))
     # A GradScaler overflow on rank 1 only: every rank's scaler must skip the step.
     for mode in ("exact", "local"):
         net = Net()
@@ -418,6 +434,15 @@ def test_an_error_on_one_rank_is_told_to_the_others(ranks: list, mode: str) -> N
                    for g in rank[f"error/one_rank/{mode}/grads"].values())
     assert_same_bits(ranks[0]["after_errors"][0], ranks[1]["after_errors"][0])
     assert_close(ranks[0]["after_errors"][0], reference_step("gradops", {}, {}))
+
+
+@pytest.mark.parametrize("mode", ["exact", "local"])
+def test_a_nan_in_a_weighted_step_on_one_rank_is_named_and_undone(ranks: list, mode: str) -> None:
+    assert ranks[0][f"error/weighted_nan/{mode}"]["error"] == "DistributedError"
+    outcome = ranks[1][f"error/weighted_nan/{mode}"]
+    assert outcome["error"] == "NonFiniteGradientError"
+    assert "loss 2 with respect to shared parameter" in outcome["message"]
+    assert all(rank[f"error/weighted_nan/{mode}/same"] for rank in ranks)
 
 
 def test_needs_an_initialized_process_group() -> None:

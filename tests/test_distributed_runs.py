@@ -36,4 +36,4 @@ def test_nproc_is_checked(tmp_path, capsys):
     assert main(["run", "xor-and", "--method", "sum", "--nproc", "2", *out]) == 2
     assert "--nproc" in capsys.readouterr().err
     assert main(["run", "digits", "--method", "sum", "--nproc", "0", *out]) == 2
-    assert "positive number of processes" in capsys.readouterr().err
+    assert "argument --nproc: expected an integer >= 1" in capsys.readouterr().err

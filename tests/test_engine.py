@@ -136,7 +136,9 @@ def test_loss_weighting_costs_one_backward_and_matches_plain_autograd():
     _, plain_losses = task_losses(plain, x, y)
     (sum(plain_losses) / TASKS).backward()
     for a, b in zip(net.parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-15)
+        # Elementwise rtol misses cancelling elements, whose rounding scales with the terms.
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12,
+                                   atol=1e-12 * float(b.grad.abs().max()))
 
 
 def test_compute_gramian_for_a_loss_weighting_method_gives_the_same_grads():
@@ -148,7 +150,9 @@ def test_compute_gramian_for_a_loss_weighting_method_gives_the_same_grads():
     _, plain_losses = task_losses(plain, x, y)
     sum(plain_losses).backward()
     for a, b in zip(net.parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-15)
+        # Elementwise rtol misses cancelling elements, whose rounding scales with the terms.
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12,
+                                   atol=1e-12 * float(b.grad.abs().max()))
 
 
 def test_cagrad_fast_differentiates_the_combined_losses():
@@ -289,7 +293,8 @@ def test_bad_shared_parameters():
     with pytest.raises(deconflict.ShapeError, match="shared_params is empty"):
         deconflict.backward(losses, [], deconflict.GradOPS())
     frozen = nn.Linear(2, 2).requires_grad_(False)
-    with pytest.raises(deconflict.InvalidOptionError, match="does not require grad"):
+    with pytest.raises(deconflict.InvalidOptionError,
+                       match="no shared parameter requires grad: all 2 are frozen"):
         deconflict.backward(losses, frozen, deconflict.GradOPS())
     with pytest.raises(deconflict.InvalidOptionError, match="not a leaf"):
         deconflict.backward(losses, [net.trunk[0].weight * 2], deconflict.GradOPS())
@@ -378,7 +383,8 @@ def test_update_at_a_pareto_stationary_point_is_exactly_zero():
                                                               retain_graph=True)])
     J = torch.stack([g, -1.3 * g])
     noise = deconflict.combine(J, deconflict.MGDA().weights(J @ J.T))
-    assert 0 < noise.abs().max() < 1e-14
+    # c_1 g + c_2 (-1.3 g) with c_1 + 1.3 c_2 < 1.2: three roundings, below 2 eps max|g|.
+    assert 0 < noise.abs().max() < 2 * torch.finfo(torch.float64).eps * float(g.abs().max())
     deconflict.backward([out, -1.3 * out], trunk, deconflict.MGDA())
     assert all((p.grad == 0).all() for p in trunk.parameters())
 

@@ -44,7 +44,9 @@ def test_loss_weighting_gives_every_parameter_the_weighted_gradient():
     sum(0.5 * loss for loss in plain_losses).backward()
     torch.testing.assert_close(record.weights, torch.full((TASKS,), 0.5, dtype=torch.float64))
     for a, b in zip(net.parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-15)
+        # Elementwise rtol misses cancelling elements, whose rounding scales with the terms.
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12,
+                                   atol=1e-12 * float(b.grad.abs().max()))
 
 
 def test_gradnorm_sees_the_last_shared_layer_gramian():
@@ -53,8 +55,9 @@ def test_gradnorm_sees_the_last_shared_layer_gramian():
     last = [net.trunk[2].weight, net.trunk[2].bias]  # trunk = Linear, Tanh, Linear, Tanh
     J = manual_jacobian(losses, last)
     record = deconflict.backward(losses, net.trunk, deconflict.GradNorm())
+    # Off-diagonal entries may cancel: their float64 error scales with the diagonal.
     torch.testing.assert_close(record.diagnostics["layer_gramian"], J @ J.T, rtol=1e-12,
-                               atol=1e-15)
+                               atol=1e-12 * float(torch.diagonal(J @ J.T).max()))
     torch.testing.assert_close(record.diagnostics["gradient_norms"],
                                torch.linalg.vector_norm(J, dim=1), rtol=1e-12, atol=1e-15)
 

@@ -63,7 +63,9 @@ def test_census_mmoe_and_representation_mode(data_dir):
     config = problem.resolve_config({"model": "mmoe", "representation": True}, smoke=True)
     result = problem.train(lambda: deconflict.MGDA(), config, 0, CPU)
     assert set(result.metrics["test"]) == {"auc_income", "auc_marital", "auc_education"}
-    config = problem.resolve_config({"model": "resnet"}, smoke=True)
+    with pytest.raises(deconflict.InvalidOptionError, match="must be one of shared_bottom, mmoe"):
+        problem.resolve_config({"model": "resnet"}, smoke=True)  # refused before training
+    config["model"] = "resnet"  # a Python caller bypassing resolve_config still gets told
     with pytest.raises(deconflict.InvalidOptionError, match="mmoe"):
         problem.train(lambda: deconflict.Sum(), config, 0, CPU)
 

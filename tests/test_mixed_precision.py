@@ -8,10 +8,9 @@ import copy
 import inspect
 import math
 
-import numpy as np
 import pytest
 import torch
-from properties import manual_jacobian
+from properties import manual_jacobian, same_state
 from torch import nn
 
 import deconflict
@@ -65,19 +64,6 @@ def method(name: str) -> deconflict.Method:
 
 def features_for(name: str, z: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"features": z} if deconflict.get(name).needs_features else {}
-
-
-def same_state(a, b) -> bool:
-    """Exact equality of two method states (nested dicts and lists of tensors and arrays)."""
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_state(a[key], b[key]) for key in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_state(u, v) for u, v in zip(a, b, strict=True))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, np.ndarray):
-        return np.array_equal(a, b)
-    return a == b
 
 
 def flat_params(net: nn.Module) -> torch.Tensor:

@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 from hypothesis import given
-from properties import update
+from properties import (
+    GOLDEN_RTOL,
+    assert_no_conflict,
+    conflict_tolerances,
+    gamma,
+    nnls_kkt_rtol,
+    update,
+)
 from strategies import jacobians
 
 import deconflict
@@ -23,7 +30,7 @@ def test_upgrad_golden_two_tasks():
     D = (1/4, 1/4) + (0, 1/2) = (1/4, 3/4).
     """
     J = np.array([[1.0, 0.0], [-1.0, 1.0]])
-    np.testing.assert_allclose(update(deconflict.UPGrad(), J), [0.25, 0.75], rtol=1e-13)
+    np.testing.assert_allclose(update(deconflict.UPGrad(), J), [0.25, 0.75], rtol=GOLDEN_RTOL)
 
 
 @given(J=jacobians())
@@ -33,9 +40,11 @@ def test_upgrad_projections_lie_in_the_dual_cone(J):
     V = diagnostics["projection_coefficients"].numpy()
     T = J.shape[0]
     M = J @ J.T
-    assert (V >= np.eye(T) / T - 1e-15).all()
-    # KKT of each projection, in exact arithmetic on M: M v_i >= 0 up to rounding.
-    rounding = 1e-12 * np.diag(M).max() * np.abs(V).sum(axis=1)
+    # v = (n u + z) / n with z >= 0: three roundings below u at most.
+    assert (V >= (1 - gamma(3)) * np.eye(T) / T).all()
+    # KKT of each projection, in exact arithmetic on M: M v_i >= 0 up to rounding
+    # (n_k n_j <= max M_jj bounds each term of (M v)_k).
+    rounding = nnls_kkt_rtol(T) * np.diag(M).max() * np.abs(V).sum(axis=1)
     assert ((M @ V.T) >= -rounding[None, :]).all()
 
 
@@ -43,7 +52,7 @@ def test_dualproj_golden():
     """g1 = (1, 0), g2 = (-2, 1): the mean (-1/2, 1/2) conflicts with g1; its projection onto
     {g1 . x >= 0} is (0, 1/2), and g2 . (0, 1/2) = 1/2 >= 0, so D = (0, 1/2)."""
     J = np.array([[1.0, 0.0], [-2.0, 1.0]])
-    np.testing.assert_allclose(update(deconflict.DualProj(), J), [0.0, 0.5], atol=1e-15)
+    np.testing.assert_allclose(update(deconflict.DualProj(), J), [0.0, 0.5], atol=GOLDEN_RTOL)
 
 
 def test_dualproj_keeps_a_non_conflicting_mean():
@@ -110,14 +119,26 @@ def test_nash_mtl_solves_the_bargaining_equation(J):
 
 def test_nash_mtl_update_weights_every_reuses_alpha():
     J1 = np.array([[1.0, 0.0], [1.0, 1.0]])
-    J2 = np.array([[2.0, 0.5], [-1.0, 1.0]])
+    J2 = np.array([[2.0, 0.5], [0.5, 1.0]])  # the reused weights harm neither task here
     method = deconflict.NashMTL(max_norm=0.0, update_weights_every=2)
     first = method.weights(J1 @ J1.T)
     reused, diagnostics = method.weights_with_diagnostics(J2 @ J2.T)
-    assert not diagnostics["recomputed"]
+    assert not diagnostics["recomputed"] and not diagnostics["fallback"]
     np.testing.assert_array_equal(reused.numpy(), first.numpy())
     _, diagnostics = method.weights_with_diagnostics(J2 @ J2.T)
     assert diagnostics["recomputed"]
+
+
+def test_nash_mtl_reused_alpha_that_conflicts_is_repaired():
+    J1 = np.array([[1.0, 0.0], [1.0, 1.0]])
+    J2 = np.array([[2.0, 0.5], [-1.0, 1.0]])  # J2 J2^T alpha_1 has a negative entry
+    method = deconflict.NashMTL(max_norm=0.0, update_weights_every=2)
+    first = method.weights(J1 @ J1.T).numpy()
+    assert (J2 @ (J2.T @ first)).min() < 0
+    reused, diagnostics = method.weights_with_diagnostics(J2 @ J2.T)
+    assert not diagnostics["recomputed"] and diagnostics["fallback"]
+    c = reused.numpy()
+    assert_no_conflict(J2, J2.T @ c, conflict_tolerances(J2, c))
 
 
 def test_nash_mtl_pareto_stationary_reports_non_convergence():

@@ -21,6 +21,7 @@ from .errors import (
     DataFormatError,
     DataNotFoundError,
     DeconflictError,
+    DeconflictWarning,
     DisconnectedLossError,
     DistributedError,
     InvalidGramianError,
@@ -30,6 +31,7 @@ from .errors import (
     ShapeError,
     UnknownMethodError,
     UnsupportedModelError,
+    ZeroUpdateWarning,
 )
 from .gramian import combine, gramian
 from .methods import (
@@ -84,6 +86,7 @@ __all__ = [
     "DataFormatError",
     "DataNotFoundError",
     "DeconflictError",
+    "DeconflictWarning",
     "DisconnectedLossError",
     "DistributedError",
     "DualProj",
@@ -109,6 +112,7 @@ __all__ = [
     "UncertaintyWeighting",
     "UnknownMethodError",
     "UnsupportedModelError",
+    "ZeroUpdateWarning",
     "__version__",
     "aggregate",
     "available",

@@ -161,7 +161,10 @@ def run_demo(out_dir: str | Path = "deconflict-demo", *, steps: int = STEPS,
     by_method = {label: points[[k for k, job in enumerate(jobs) if job.label == label]]
                  for label, _, _ in DEMO_METHODS}
     paths = {
-        "plot": plot_toy_trajectories(by_method, out / "toy2d_trajectories.png"),
+        "plot": plot_toy_trajectories(
+            by_method, out / "toy2d_trajectories.png", steps=steps,
+            title=f"The 2-D toy problem (CAGrad paper, Section 5.1): Adam, lr "
+                  f"{LEARNING_RATE:g}, {steps:,} steps from each start point"),
         "table": write_text(out / "toy2d_results.md", results_table(finals, steps)),
     }
     paths["json"] = write_json(out / "toy2d_results.json", {

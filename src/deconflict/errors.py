@@ -58,3 +58,17 @@ class UnsupportedModelError(DeconflictError, ValueError):
 
 class DistributedError(DeconflictError, RuntimeError):
     """Another rank of a distributed ``backward`` step raised an error (see its output)."""
+
+
+class DeconflictWarning(UserWarning):
+    """Base class of the warnings deconflict issues (a ``UserWarning``: filter it by class)."""
+
+
+class ZeroUpdateWarning(DeconflictWarning):
+    """A method returned a zero update although the task gradients are not Pareto-stationary.
+
+    Some direction then improves a task without harming any (J is not strongly stationary), so
+    the zero comes from the method's own rule (every task dependent, no equal-projection
+    direction, cancelling modified gradients), not from the optimum. Issued once per method
+    instance; every step's ``StepRecord.diagnostics["zero_update"]`` names the cause.
+    """

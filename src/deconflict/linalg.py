@@ -146,3 +146,21 @@ def normalized(M: np.ndarray) -> tuple[np.ndarray, float]:
     if scale <= 0.0:
         return M.copy(), 0.0
     return M / scale, scale
+
+
+# gramian.rounding_floor's rule, for the T x T side: J^T c is trusted when its direction is
+# accurate to 1e-8.
+_DIRECTION_ACCURACY = 1e-8
+
+
+def negligible_update(M: np.ndarray, c: np.ndarray) -> bool:
+    """Whether ||J^T c|| is below its own float64 rounding error, decided from M alone.
+
+    The float64 error of J^T c is at most about T eps sum_i |c_i| ||g_i||; an update shorter
+    than 1e8 times that has no trustworthy direction (the engine writes zeros instead, see
+    ``gramian.rounding_floor``). ||J^T c||^2 = c^T M c.
+    """
+    c = np.asarray(c, dtype=np.float64)
+    budget = float(np.abs(c) @ task_norms(M))
+    floor = c.size * float(np.finfo(np.float64).eps) * budget / _DIRECTION_ACCURACY
+    return float(c @ M @ c) <= floor**2

@@ -14,82 +14,172 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.optimize import brentq, nnls
+from scipy.optimize import brentq, linprog, nnls
 
-from .linalg import normalized
+from .linalg import cosine_matrix, normalized, task_norms
 
-
-def _affine_minimizer(G: np.ndarray) -> np.ndarray:
-    """argmin over sum(y) = 1 (any sign) of y^T G y: solve [[G, 1], [1^T, 0]] [y; mu] = [0; 1]."""
-    k = G.shape[0]
-    if k == 1:
-        return np.ones(1)
-    kkt = np.zeros((k + 1, k + 1))
-    kkt[:k, :k] = G
-    kkt[:k, k] = 1.0
-    kkt[k, :k] = 1.0
-    rhs = np.zeros(k + 1)
-    rhs[k] = 1.0
-    try:
-        solution = np.linalg.solve(kkt, rhs)
-        residual = kkt @ solution - rhs
-        if float(np.max(np.abs(residual))) <= 1e-10:
-            return solution[:k]
-    except np.linalg.LinAlgError:
-        pass
-    # Affinely dependent points: any minimizer will do, lstsq picks the smallest one.
-    return np.linalg.lstsq(kkt, rhs, rcond=1e-13)[0][:k]
+_EPS = float(np.finfo(np.float64).eps)
 
 
-def min_norm_point(gramian: np.ndarray, *, tol: float = 1e-12) -> np.ndarray:
-    """Weights w in the simplex minimizing w^T G w (Wolfe, 1976), in Gramian form.
+def rounding_bounds(gramian: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per task j, a bound on the rounding error of g_j . D for D = J^T w computed from M.
 
-    Optimality (checked on exit, relative to the largest squared norm): (G w)_i >= w^T G w for
-    every i, with equality on the support of w. If all points are zero, returns uniform weights.
+    (M w)_j is a sum of T products M_jk w_k with |M_jk| <= n_j n_k (Cauchy-Schwarz), so in
+    float64 it errs by at most gamma_T n_j sigma, sigma = sum_k |w_k| n_k, gamma_T ~ T eps; the
+    factor 4 (T + 2) eps also covers forming w and one more sum over the tasks.
+    """
+    norms = task_norms(gramian)
+    T = gramian.shape[0]
+    return 4.0 * (T + 2) * _EPS * norms * float(np.abs(weights) @ norms)
+
+
+def conflicts(gramian: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Which tasks D = J^T w conflicts with beyond rounding: (M w)_j < -rounding_bounds_j."""
+    return gramian @ weights < -rounding_bounds(gramian, weights)
+
+
+def min_norm_point(gramian: np.ndarray) -> np.ndarray:
+    """Weights w in the simplex minimizing w^T M w (Wolfe, 1976), in Gramian form.
+
+    ``min_norm_solution`` with its verification flag dropped; see there.
+    """
+    return min_norm_solution(gramian)[0]
+
+
+def min_norm_solution(gramian: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(w, verified): w in the simplex minimizing w^T M w (Wolfe, 1976), in Gramian form.
+
+    Scale. Every quantity is computed from the cosine matrix K = N^-1 M N^-1 and the norms
+    n_i = sqrt(M_ii) divided by the largest (N = diag(n)), never from M / max(M_ii) with an
+    absolute tolerance: with norms spanning 1e12 the small tasks' products sit at 1e-24 of the
+    largest, below any absolute threshold (this stopped MGDA at a vertex that conflicts with
+    another task). The affine minimizer of a support S solves the bordered system
+    [[K_SS, u], [u^T, 0]] [z; mu] = [0; 1] with u_i = min_S n / n_i, then w_S ∝ z / n_S, which is
+    as well conditioned as the cosines, whatever the norms.
+
+    Verification (KKT on the original M). At the optimum x = J^T w satisfies
+    (M w)_j >= w^T M w for every j. Forming (M w)_j (T products) and w^T M w = sum_k w_k (M w)_k
+    (T more) in float64 errs by at most gamma = 2 (T + 2) eps times n_j sigma and sigma^2, with
+    sigma = sum_k w_k n_k, so w passes when, for every j,
+
+        (M w)_j >= w^T M w - tol_j,   tol_j = 4 (T + 2) eps (n_j + sigma) sigma.
+
+    Then g_j . x >= ||x||^2 - tol_j, and in cosines cos(g_j, x) >= -4 (T + 2) eps rho (1 + rho),
+    rho = sigma / ||x|| >= 1 (how much the weighted gradients cancel); errors already in M (from
+    forming it) add to the same bound. ``verified`` is False when rounding stalls the active
+    set before the test passes: callers must not present w as optimal then.
+    A zero gradient is the hull's point of least norm: w is its vertex (uniform if all are 0).
     """
     T = gramian.shape[0]
     if T == 1:
-        return np.ones(1)
-    G, scale = normalized(gramian)
-    if scale == 0.0:
-        return np.full(T, 1.0 / T)
+        return np.ones(1), True
+    n = task_norms(gramian)
+    largest = float(n.max())
+    if largest == 0.0:
+        return np.full(T, 1.0 / T), True
+    zero = np.flatnonzero(n == 0.0)
+    if zero.size:
+        w = np.zeros(T)
+        w[zero[0]] = 1.0
+        return w, True
+    K = cosine_matrix(gramian, n)
+    s = n / largest
+    G = K * np.outer(s, s)
+    tolerance_factor = 4.0 * (T + 2) * _EPS
+
+    def violations(w: np.ndarray) -> tuple[np.ndarray, float]:
+        Gw = G @ w
+        value = float(w @ Gw)
+        sigma = float(w @ s)
+        return (value - Gw) - tolerance_factor * (s + sigma) * sigma, value
+
     if T == 2:
-        return _segment_min_norm(G)
-    first = int(np.argmin(np.diag(G)))
+        w = _segment_min_norm(G)
+        excess, _ = violations(w)
+        return w, bool(excess.max() <= 0.0)
+    first = int(np.argmin(s))
     w = np.zeros(T)
     w[first] = 1.0
     support = [first]
-    best_w, best = w, float(G[first, first])
+    excess, best = violations(w)
     for _ in range(20 * T + 50):
-        Gw = G @ w
-        norm2 = float(w @ Gw)
-        entering = int(np.argmin(Gw))
-        if Gw[entering] >= norm2 - tol or entering in support:
+        if excess.max() <= 0.0:
+            return w, True
+        # The most violated constraint relative to its task's norm (scale-free choice).
+        entering = int(np.argmax(excess / s))
+        if entering in support:
             break
-        w, support = _minor_cycles(G, w, [*support, entering])
-        value = float(w @ G @ w)
+        candidate, candidate_support = _minor_cycles(K, s, w, [*support, entering])
+        candidate_excess, value = violations(candidate)
         if value >= best:
             break  # rounding has stalled the active set; keep the best point found
-        best_w, best = w, value
-    return best_w
+        w, support, excess, best = candidate, candidate_support, candidate_excess, value
+    return w, bool(excess.max() <= 0.0)
 
 
 def _segment_min_norm(G: np.ndarray) -> np.ndarray:
-    """Two points: w_1 = clip((G22 - G12) / (G11 + G22 - 2 G12), 0, 1)."""
+    """Two points: w_1 = clip((G22 - G12) / (G11 + G22 - 2 G12), 0, 1), w_2 likewise.
+
+    Each weight gets its own quotient: w_2 = 1 - w_1 would lose a small w_2 to cancellation
+    (relative error eps / w_2; for norms 1e10 apart that is 1e-6, enough to conflict).
+    """
     curvature = G[0, 0] + G[1, 1] - 2.0 * G[0, 1]
     if curvature <= 0.0:
         first = 1.0 if G[0, 0] <= G[1, 1] else 0.0
-    else:
-        first = min(max((G[1, 1] - G[0, 1]) / curvature, 0.0), 1.0)
-    return np.array([first, 1.0 - first])
+        return np.array([first, 1.0 - first])
+    first = (G[1, 1] - G[0, 1]) / curvature
+    if first <= 0.0:
+        return np.array([0.0, 1.0])
+    second = (G[0, 0] - G[0, 1]) / curvature
+    if second <= 0.0:
+        return np.array([1.0, 0.0])
+    return np.array([first, second]) / (first + second)
 
 
-def _minor_cycles(G: np.ndarray, w: np.ndarray, support: list[int]) -> tuple[np.ndarray, list[int]]:
-    """Move w toward the affine minimizer of its support, dropping points that hit zero weight."""
-    T = G.shape[0]
+def _affine_minimizer(K: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """argmin over sum(y) = 1 (any sign) of y^T (N K N) y, N = diag(s), through z = N y.
+
+    The bordered system [[K, u], [u^T, 0]] [z; mu] = [0; 1], u = min(s) / s, is scaled like the
+    cosines; y = z / s is then normalized to sum 1.
+    """
+    k = K.shape[0]
+    if k == 1:
+        return np.ones(1)
+    u = float(s.min()) / s
+    kkt = np.zeros((k + 1, k + 1))
+    kkt[:k, :k] = K
+    kkt[:k, k] = u
+    kkt[k, :k] = u
+    rhs = np.zeros(k + 1)
+    rhs[k] = 1.0
+    solution = None
+    try:
+        solution = np.linalg.solve(kkt, rhs)
+        residual = kkt @ solution - rhs
+        if float(np.max(np.abs(residual))) > 1e-10 * max(1.0, float(np.abs(solution).max())):
+            solution = None
+    except np.linalg.LinAlgError:
+        pass
+    if solution is None:
+        # Affinely dependent points: any minimizer will do, lstsq picks the smallest one.
+        solution = np.linalg.lstsq(kkt, rhs, rcond=1e-13)[0]
+    y = solution[:k] / s
+    total = float(y.sum())
+    return y / total if total != 0.0 else np.full(k, 1.0 / k)
+
+
+def _minor_cycles(
+    K: np.ndarray, s: np.ndarray, w: np.ndarray, support: list[int]
+) -> tuple[np.ndarray, list[int]]:
+    """Move w toward the affine minimizer of its support, dropping points that hit zero weight.
+
+    A weight is dropped when its share of sum_k w_k n_k (its vector's share of the combination)
+    falls below rounding, not its raw value: a large gradient with a tiny weight still counts.
+    """
+    T = K.shape[0]
     while True:
         S = np.array(support)
-        y = _affine_minimizer(G[np.ix_(S, S)])
+        y = _affine_minimizer(K[np.ix_(S, S)], s[S])
         if np.all(y > 0.0):
             w = np.zeros(T)
             w[S] = y
@@ -99,7 +189,8 @@ def _minor_cycles(G: np.ndarray, w: np.ndarray, support: list[int]) -> tuple[np.
         ratios = current[blocked] / (current[blocked] - y[blocked])
         theta = float(np.min(ratios))
         current = current + theta * (y - current)
-        keep = current > 1e-15
+        share = current * s[S]
+        keep = share > 1e-15 * float(np.abs(share).sum())
         keep[np.flatnonzero(blocked)[int(np.argmin(ratios))]] = False
         support = [int(i) for i in S[keep]]
         w = np.zeros(T)
@@ -249,8 +340,17 @@ def dual_cone_weights(gramian: np.ndarray, targets: np.ndarray, reg_eps: float =
 
     With a factor G = L L^T, each problem is the non-negative least squares
     min over z >= 0 of ||L^T z + L^T y0||^2 with y = y0 + z, solved exactly by Lawson-Hanson
-    (``scipy.optimize.nnls``). L comes from an eigendecomposition, so a singular G is fine, and
-    then G y >= 0 holds exactly: no conflict.
+    (``scipy.optimize.nnls``). L comes from an eigendecomposition, so a singular G is fine.
+
+    At a weakly stationary J (a non-negative w != 0 with J^T w = 0) the projection is unique but
+    z is not: z + t w is optimal for every t >= 0, and NNLS wanders along that ray (seen:
+    weights of 1e13 whose J^T c is all cancellation, so the engine's rounding floor zeroed a
+    projection of norm 0.9). With reg_eps = 0 the problem therefore gets the Tikhonov term
+    delta ||z||^2, delta = n eps on the n x n cosine matrix (trace n): its solutions tend to the
+    minimum-norm optimal z as delta -> 0, so z stays bounded. The price, from its KKT conditions
+    G y + delta z = mu >= 0: (G y)_k >= -delta z_k, a cosine of at most n eps z_k / ||D||, and at
+    a strongly stationary J a residual ||D||^2 <= delta ||z_0||^2 far below the rounding floor
+    (measured: 7e-5 of it over 600 random strongly stationary Jacobians, T up to 20).
     """
     targets = np.array(np.atleast_2d(targets), dtype=np.float64)
     diagonal = np.diag(gramian)
@@ -265,16 +365,22 @@ def dual_cone_weights(gramian: np.ndarray, targets: np.ndarray, reg_eps: float =
     values, vectors = np.linalg.eigh(G)
     keep = values > 1e-14 * max(float(values[-1]), 0.0)
     factor_t = (vectors[:, keep] * np.sqrt(values[keep])).T  # L^T with G = L L^T, r x live
+    rows = factor_t.shape[0]
+    if reg_eps == 0.0:
+        # [L^T; sqrt(delta) I] z ~ [-L^T y0; 0]: the Tikhonov term of the docstring.
+        delta = live.size * float(np.finfo(np.float64).eps)
+        factor_t = np.vstack([factor_t, math.sqrt(delta) * np.eye(live.size)])
     solutions = targets.copy()
     for row, u in enumerate(targets):
         start = scale * u[live]
-        z, _ = nnls(factor_t, -(factor_t @ start), maxiter=50 * gramian.shape[0])
+        rhs = np.zeros(factor_t.shape[0])
+        rhs[:rows] = -(factor_t[:rows] @ start)
+        z, _ = nnls(factor_t, rhs, maxiter=50 * gramian.shape[0])
         solutions[row, live] = (start + z) / scale
     return solutions
 
 
-_EPS = float(np.finfo(np.float64).eps)
-# Nash-MTL weights beyond this (on a Gramian scaled to unit largest diagonal) have diverged.
+# Nash-MTL weights beyond this (on the cosine matrix, where they start near 1) have diverged.
 _DIVERGED = 1e10
 
 
@@ -289,17 +395,25 @@ def nash_bargaining_weights(
     damped Newton steps (Hessian M + diag(1 / alpha^2)) with backtracking that keeps alpha > 0.
     Tasks with zero gradient get alpha_i = 0. Returns (alpha, converged); it does not converge
     when the hull of the gradients contains 0 (Pareto-stationary: alpha diverges along a null
-    vector of M), and then stops after ``max_iterations`` with the last iterate.
+    vector of M), and then stops after ``max_iterations`` with the last iterate, which may
+    conflict with a task (the caller must repair it, see ``NashMTL``).
+
+    Scale: the equation is covariant under rescaling each task. With N = diag(n), n_i = ||g_i||
+    and the cosine matrix K = N^-1 M N^-1, beta = N alpha solves beta_i (K beta)_i = 1, so
+    Newton runs on K (unit diagonal, whatever the norms) and alpha = beta / n. On M itself,
+    norms 1e6 apart already put the Hessian's diagonal 1e12 apart.
     """
     T = gramian.shape[0]
     alpha = np.zeros(T)
     live = np.flatnonzero(np.diag(gramian) > 0)
     if live.size == 0:
         return alpha, True
-    M, scale = normalized(gramian[np.ix_(live, live)])
-    x = 1.0 / np.sqrt(np.diag(M))
+    sub = gramian[np.ix_(live, live)]
+    norms = task_norms(sub)
+    M = cosine_matrix(sub, norms)
+    x = np.ones(live.size)
     if start is not None and np.isfinite(start[live]).all() and (start[live] > 0).all():
-        x = start[live]
+        x = start[live] * norms
     # The best point on the ray through x: f(t x) is minimal at t = sqrt(T / x^T M x). This puts
     # a warm start from a step with gradients of another scale at the right scale.
     curvature = float(x @ M @ x)
@@ -344,5 +458,87 @@ def nash_bargaining_weights(
                     break
             t *= 0.5
         x, value, residual = candidate, new_value, new_residual
-    alpha[live] = x / math.sqrt(scale)
+    alpha[live] = x / norms
     return alpha, converged
+
+
+# Eigenvalues of the cosine matrix below this fraction of the largest span its numerical null
+# space: forming K and its eigendecomposition err by ~T eps relative, 1e-12 leaves a margin of
+# 1e3 over that for T <= 10 (and rounds a cancellation to one part in 1e6 of the norms, in
+# cosine, to zero).
+_NULL_RTOL = 1e-12
+
+
+def stationary_support(gramian: np.ndarray) -> np.ndarray:
+    """The tasks in some vanishing non-negative combination of the gradients (a mask).
+
+    The largest support of {v >= 0 : J^T v = 0}: the union of all such supports is one (the set
+    is a convex cone, so the sum of two members is a member). A zero gradient is in it (v = e_i).
+    Every direction that conflicts with no task is orthogonal to these gradients: with v > 0 on
+    the support, sum_i v_i g_i . D = 0 and no term is negative. Computed on the cosine matrix K
+    as one linear program: maximize sum z subject to V0^T v = 0 (V0: eigenvectors of K with
+    eigenvalue above ``_NULL_RTOL`` times the largest, so v lies in K's numerical null space),
+    0 <= z <= v, z <= 1; then z_i = 1 exactly on the support. Empty when 0 is not in the hull.
+    """
+    norms = task_norms(gramian)
+    support = norms == 0.0
+    live = np.flatnonzero(~support)
+    k = live.size
+    if k < 2:
+        return support
+    K = cosine_matrix(gramian[np.ix_(live, live)])
+    values, vectors = np.linalg.eigh(K)
+    keep = values > _NULL_RTOL * float(values[-1])
+    if keep.all():
+        return support
+    eye = np.eye(k)
+    result = linprog(
+        np.concatenate([np.zeros(k), -np.ones(k)]),
+        A_ub=np.hstack([-eye, eye]), b_ub=np.zeros(k),
+        A_eq=np.hstack([vectors[:, keep].T, np.zeros((int(keep.sum()), k))]),
+        b_eq=np.zeros(int(keep.sum())),
+        bounds=[(0.0, None)] * k + [(0.0, 1.0)] * k, method="highs",
+    )
+    if result.status == 0:
+        support[live[result.x[k:] > 0.5]] = True
+    return support
+
+
+def restricted_nash_weights(gramian: np.ndarray, stationary: np.ndarray) -> np.ndarray | None:
+    """Nash-MTL's limit when the tasks ``stationary`` (``stationary_support``) cannot improve.
+
+    Every non-conflicting D is orthogonal to g_S (S = ``stationary``), so the bargaining is
+    among the other tasks R on their gradients projected onto span(g_S)^perp, P g_r =
+    g_r - sum_s X_sr g_s with X = M_SS^+ M_SR (least squares), whose Gramian is the Schur
+    complement M_RR - M_RS X. Its solution alpha_R (converged: 0 is not in the projected hull,
+    by the maximality of S) gives D = sum_r alpha_r P g_r, i.e. the weights c_R = alpha_R,
+    c_S = -X alpha_R, with g_r . D = 1 / alpha_r > 0 and g_s . D = 0. This is where the Newton
+    iterates head when the full problem has no solution (alpha_S diverges, D stays bounded).
+    Computed on cosines (covariant, as in ``nash_bargaining_weights``). All of S: D = 0 (zero
+    weights). Returns None if the restricted problem does not converge either.
+    """
+    T = gramian.shape[0]
+    weights = np.zeros(T)
+    norms = task_norms(gramian)
+    R = np.flatnonzero(~stationary & (norms > 0))
+    S = np.flatnonzero(stationary & (norms > 0))
+    if R.size == 0:
+        return weights
+    K = cosine_matrix(gramian)
+    if S.size:
+        X = np.linalg.lstsq(K[np.ix_(S, S)], K[np.ix_(S, R)], rcond=1e-12)[0]
+        schur = K[np.ix_(R, R)] - K[np.ix_(R, S)] @ X
+        schur = 0.5 * (schur + schur.T)
+    else:
+        X = np.zeros((0, R.size))
+        schur = K[np.ix_(R, R)]
+    if np.any(np.diag(schur) <= 0.0):
+        return None
+    beta, converged = nash_bargaining_weights(schur)
+    if not converged:
+        return None
+    weights[R] = beta
+    weights[S] = -(X @ beta)
+    live = norms > 0
+    weights[live] /= norms[live]
+    return weights

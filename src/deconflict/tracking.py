@@ -86,7 +86,9 @@ class LayerTracker:
         self._forwards = 0
         self.owners: dict[int, list[str]] = {}
         for name, module in trunk.named_modules():
-            own = [p for _, p in module.named_parameters(recurse=False) if p.requires_grad]
+            # Frozen parameters too: requires_grad may change after tracking (unfreezing a
+            # backbone mid-run); the Gramian skips the ones frozen at the time of the step.
+            own = list(module.parameters(recurse=False))
             if not own:
                 continue
             for param in own:
@@ -198,13 +200,16 @@ def tracked_gramian(
     rows are ``scale`` times the losses and M is that of the losses' gradients (divided by
     ``scale``^2, exact for a power of two).
     """
-    calls = tracker.calls
     R = len(rows)
-    if not calls:
+    if not tracker.calls:
         raise InvalidOptionError(
             "mode='gramian': the tracker recorded no layer call since the last backward (was the "
             "forward pass run under torch.no_grad(), or before deconflict.track?)"
         )
+    shared_ids = {id(p) for _, p, _ in shared}
+    # Calls of frozen modules need no Delta: they hold nothing to train.
+    calls = [call for call in tracker.calls
+             if any(id(p) in shared_ids for p in call.module.parameters(recurse=False))]
     for call in calls:
         if call.linear_input is not None and call.linear_input._version != call.input_version:
             raise InvalidOptionError(
@@ -242,7 +247,6 @@ def tracked_gramian(
             for d, (shape, dtype, device) in zip(own, own_shapes, strict=True)])
     del deltas
 
-    shared_ids = {id(p) for _, p, _ in shared}
     names = {id(p): name for name, p, _ in shared}
     layer_of = {id(p): layer for _, p, layer in shared}
     by_layer: dict[str, Tensor] = {}

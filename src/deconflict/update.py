@@ -103,15 +103,17 @@ def compute_update(
     combinations: np.ndarray | None = None,
     features: Sequence[Tensor] | None = None,
     scale: float = 1.0,
+    gramians: tuple[list[Tensor], Tensor] | None = None,
 ) -> Update:
     """The method's update for a Jacobian given in blocks (see the module docstring).
 
     ``scale``: the blocks are the gradients of ``scale`` times the losses (loss scaling).
+    ``gramians``: the blocks' Gramians from ``checked_gramians`` (computed here if None).
     """
-    block_gramians = [gramian_of_blocks([block]) / scale**2 for block in blocks]
-    M = torch.stack(block_gramians).sum(dim=0)
-    if not bool(torch.isfinite(M).all()):
-        raise_non_finite(blocks, names, combination=combinations is not None)
+    if gramians is None:
+        gramians = checked_gramians(blocks, names, scale=scale,
+                                    combination=combinations is not None)
+    block_gramians, M = gramians
     by_layer = layer_gramians(block_gramians, layers)
     kind = method.kind
     if kind == "block_gramians":
@@ -148,6 +150,22 @@ def compute_update(
     M = M.cpu()
     return Update(M, c, diagnostics, block_weights=[r] * len(blocks), layer_gramians=by_layer,
                   row_products=M @ r, update_sq_norm=float(r @ M @ r))
+
+
+def checked_gramians(
+    blocks: Sequence[Rows], names: Sequence[str], *, scale: float = 1.0,
+    combination: bool = False,
+) -> tuple[list[Tensor], Tensor]:
+    """Each block's Gramian and their sum M (float64), or NonFiniteGradientError naming the task.
+
+    The finiteness check is free: a NaN or infinity in row i reaches M_ii in the pass that forms
+    M anyway; only then are the rows themselves read again to name the task and block.
+    """
+    block_gramians = [gramian_of_blocks([block]) / scale**2 for block in blocks]
+    M = torch.stack(block_gramians).sum(dim=0)
+    if not bool(torch.isfinite(M).all()):
+        raise_non_finite(blocks, names, combination=combination)
+    return block_gramians, M
 
 
 def layer_gramians(block_gramians: Sequence[Tensor], layers: Sequence[str]) -> dict[str, Tensor]:

@@ -1,53 +1,102 @@
-"""The experiment commands: ``deconflict run``, ``compare`` and ``sweep`` (see ``cli``)."""
+"""The experiment commands: ``deconflict run``, ``compare`` and ``sweep`` (see ``cli``).
+
+Each command checks everything a user gave (problem, method and options, settings, output
+directory, grid, metric names) before the first run trains, and writes its reports only once
+every run is done and every report is rendered.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import InvalidOptionError
-from .problems import get_problem
+from ..methods.options import Option
+from ..methods.registry import method_class
+from .problems import PROBLEMS, get_problem
 from .report import (
     compare_csv,
     compare_markdown,
+    hypervolume_lines,
     summarize,
     sweep_csv,
     sweep_summary,
     sweep_values,
     write_report,
 )
-from .runner import SINGLE_TASK, MethodSpec, parse_value, run_many
+from .runner import SINGLE_TASK, MethodSpec, run_many
 
 
-def method_options(extra: Sequence[str]) -> dict[str, str]:
-    """``--key value`` / ``--key=value`` pairs left over by argparse (method options)."""
-    options: dict[str, str] = {}
-    items = list(extra)
-    while items:
-        item = items.pop(0)
-        if not item.startswith("--") or len(item) < 3:
-            raise InvalidOptionError(f"unexpected argument {item!r}: method options are "
-                                     "written --name value")
-        key, _, value = item[2:].partition("=")
-        if not value:
-            if not items:
-                raise InvalidOptionError(f"method option --{key} needs a value")
-            value = items.pop(0)
-        options[key.replace("-", "_")] = value
-    return options
+def method_spec(args: argparse.Namespace, text: str,
+                extra: Sequence[tuple[str, str]] = ()) -> MethodSpec:
+    """The method of ``text`` (``name:key=value``) with the options ``extra`` given as flags.
+
+    Options are parsed by the method's declared types and the method is built once here, so
+    every mistake is reported before training. An option named like one of the command's own
+    flags (``args.command_flags``) cannot be told from that flag: when the flag was typed and the
+    option was not written ``name:key=value``, the command line is refused.
+    """
+    spec = MethodSpec.parse(text, extra)
+    if spec.name != SINGLE_TASK:
+        written = {part.partition("=")[0].strip().replace("-", "_")
+                   for part in text.split(":")[1:]}
+        flags = getattr(args, "command_flags", set())
+        typed = getattr(args, "typed_flags", set())
+        for option in method_class(spec.name).OPTIONS:
+            for flag in {option.flag, "--" + option.name}:
+                if flag in flags and flag in typed and option.name not in written:
+                    raise InvalidOptionError(
+                        f"{flag} is a flag of deconflict {args.command} and also an option of "
+                        f"{spec.name}: write the method's as --method "
+                        f"{spec.name}:{option.name}=VALUE (then {flag} is the command's flag)")
+    spec.check()
+    return spec
+
+
+def split_specs(text: str) -> list[str]:
+    """Comma-separated method specs; a piece that is a number continues the previous spec's
+    list (``sum:weights=1,2,mgda`` is ``sum:weights=1,2`` and ``mgda``: names start with a
+    letter)."""
+    specs: list[str] = []
+    for piece in text.split(","):
+        if specs and piece.strip() and not piece.strip()[0].isalpha():
+            specs[-1] += "," + piece
+        elif piece.strip():
+            specs.append(piece)
+    return specs
+
+
+def check_output(out: str | os.PathLike[str]) -> Path:
+    """The output directory, refused now if it is not a directory or cannot be written.
+
+    Nothing is created: the first results file creates the folders. (A superuser may write
+    anywhere, so only the "not a directory" check applies to root.)
+    """
+    path = Path(out)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is a file)"
+        raise InvalidOptionError(f"--out {out}: not a directory{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidOptionError(f"--out {out}: {existing} is not writable")
+    return path
 
 
 def _config(problem: Any, args: argparse.Namespace) -> dict[str, Any]:
+    # Raw strings: the problem parses each by its declared kind and checks its range.
     overrides: dict[str, Any] = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise InvalidOptionError(f"--set {item!r} is not key=value")
-        overrides[key.strip()] = parse_value(value)
+        if not sep or not key.strip():
+            raise InvalidOptionError(f"--set {item!r} is not KEY=VALUE")
+        overrides[key.strip()] = value
     if args.data is not None:
         overrides["data"] = args.data
     return problem.resolve_config(overrides, smoke=args.smoke)
@@ -75,11 +124,11 @@ def execution(args: argparse.Namespace) -> dict[str, Any]:
             "nproc": args.nproc}
 
 
-def command_run(args: argparse.Namespace, extra: Sequence[str]) -> int:
+def command_run(args: argparse.Namespace) -> int:
     problem = get_problem(args.problem)
-    spec = MethodSpec(args.method.lower().replace("-", "_"),
-                      {k: parse_value(v) for k, v in method_options(extra).items()})
+    spec = method_spec(args, args.method, args.method_options)
     config = _config(problem, args)
+    check_output(args.out)
     records = run_many(problem.name, [spec], _seeds(args), config, _device(args.device),
                        args.out, args.force, progress=not args.quiet,
                        **execution(args))[spec.label]
@@ -93,16 +142,18 @@ def command_run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
-def command_compare(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    if extra:
-        raise InvalidOptionError(f"unexpected arguments {list(extra)}: give methods with "
-                                 "options as name:key=value in --methods")
+def command_compare(args: argparse.Namespace) -> int:
+    if args.method_options:
+        flags = " ".join(f"--{key}" for key, _ in args.method_options)
+        raise InvalidOptionError(f"{flags}: compare takes method options only inside --methods, "
+                                 "as name:key=value (e.g. --methods sum,cagrad:c=0.2)")
     problem = get_problem(args.problem)
-    specs = [MethodSpec.parse(text) for text in args.methods.split(",") if text.strip()]
+    specs = [method_spec(args, text) for text in split_specs(args.methods)]
     if not specs:
         raise InvalidOptionError("--methods is empty")
     config = _config(problem, args)
-    if not args.no_baseline and problem.name not in ("toy2d",) and \
+    check_output(args.out)
+    if not args.no_baseline and problem.single_task_baseline and \
             len(problem.tasks(config)) > 1 and all(s.name != SINGLE_TASK for s in specs):
         specs.insert(0, MethodSpec(SINGLE_TASK))
     records = run_many(problem.name, specs, _seeds(args), config, _device(args.device),
@@ -119,60 +170,109 @@ def command_compare(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
-def command_sweep(args: argparse.Namespace, extra: Sequence[str]) -> int:
+def command_sweep(args: argparse.Namespace) -> int:
     from .plots import plot_sweep
 
     problem = get_problem(args.problem)
+    if not args.method_options:
+        raise InvalidOptionError("give the option to sweep as a flag, e.g. --alpha -5:5:11")
+    (swept, grid), *fixed = args.method_options
+    base = method_spec(args, args.method, fixed)
+    option = _declared(base.name, swept)
+    if option.name in base.options:
+        raise InvalidOptionError(f"{option.name} is swept and also fixed: give it once")
     config = _config(problem, args)
-    options = method_options(extra)
-    if not options:
-        raise InvalidOptionError("give the option to sweep, e.g. --alpha -5:5:11")
-    option, spec_text = next(iter(options.items()))
-    fixed = {k: parse_value(v) for k, v in list(options.items())[1:]}
-    values = sweep_values(spec_text, len(problem.tasks(config)))
-    name = args.method.lower().replace("-", "_")
-    specs = [MethodSpec(name, {**fixed, option: value}) for value in values]
+    check_output(args.out)
+    values = [_grid_value(base.name, option, value)
+              for value in sweep_values(grid, len(problem.tasks(config)))]
+    specs = [MethodSpec(base.name, {**base.options, option.name: value}) for value in values]
+    for spec in specs:
+        spec.check()
+    pair = _pair(problem, config, args.pair)
     records = run_many(problem.name, specs, _seeds(args), config, _device(args.device),
                        args.out, args.force, progress=not args.quiet,
                        **execution(args))
-    result = sweep_summary(problem, config, specs, option, records)
+    name, swept = base.name, option.name
+    result = sweep_summary(problem, config, specs, swept, records)
     metrics = problem.metrics(config)
     folder = Path(args.out) / problem.name
-    stem = f"sweep_{name}_{option}"
-    write_report(folder / f"{stem}.csv", sweep_csv(result, option, metrics))
-    pair = (0, 1)
-    if args.pair:
-        names = [m.name for m in result.metrics]
-        try:
-            pair = tuple(names.index(p.strip()) for p in args.pair.split(","))[:2]
-        except ValueError:
-            raise InvalidOptionError(f"--pair takes two of {names}") from None
-    plot = plot_sweep(result, option, folder / f"{stem}.png",
-                      f"{problem.name}: {name} over {option}", pair)
-    lines = [f"# {problem.name}: {name} swept over {option}", "",
+    stem = f"sweep_{name}_{swept}"
+    table = sweep_csv(result, swept, metrics)
+    lines = [f"# {problem.name}: {name} swept over {swept}", "",
              f"Command: `{args.command_line}`", "",
              f"Data: {next(iter(records.values()))[0]['note'] or 'generated in code'}", "",
-             "| " + option + " | " + " | ".join(m.name for m in metrics) + " | front |",
+             "| " + swept + " | " + " | ".join(m.name for m in metrics) + " | front |",
              "|" + "---|" * (len(metrics) + 2)]
     for k, (value, row) in enumerate(zip(result.values, result.means, strict=True)):
         shown = "/".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
         cells = [f"{row[m.name]:.4f}" for m in metrics]
         mark = "*" if k in result.front else ""
         lines.append(f"| {shown} | " + " | ".join(cells) + f" | {mark} |")
-    lines += ["", f"Hypervolume of the front over ({', '.join(m.name for m in result.metrics)}),"
-              f" reference {[round(v, 4) for v in result.reference]}: {result.hypervolume:.6g}"]
+    lines += ["", *hypervolume_lines(result, pair)]
     text = "\n".join(lines) + "\n"
+    # The figure is the part that can still fail: render it before any table is written.
+    plot = plot_sweep(result, swept, folder / f"{stem}.png",
+                      f"{problem.name}: {name} over {swept}", pair)
+    write_report(folder / f"{stem}.csv", table)
     write_report(folder / f"{stem}.md", text)
     print(text)
     print(f"written: {folder / (stem + '.md')}, {folder / (stem + '.csv')}, {plot}")
     return 0
 
 
+def _declared(method: str, key: str) -> Option:
+    declared = method_class(method).OPTIONS
+    name = key.strip().replace("-", "_")
+    for option in declared:
+        if option.name == name:
+            return option
+    listed = ", ".join(option.name for option in declared) or "none"
+    raise InvalidOptionError(f"{method} does not take option {key!r}; its options are: {listed}")
+
+
+def _grid_value(method: str, option: Option, value: Any) -> Any:
+    """A grid point as a value of the swept option (validated; lists stay lists)."""
+    if option.type == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        value = option.parse(method, value)
+    checked = option.validate(method, value)
+    return list(checked) if isinstance(checked, tuple) else checked
+
+
+def _pair(problem: Any, config: dict[str, Any], text: str | None) -> tuple[int, int] | None:
+    """--pair as indices into the task metrics (None: the plot's default pair)."""
+    if text is None:
+        return None
+    tasks = problem.tasks(config)
+    names = [m.name for m in problem.metrics(config) if m.task in tasks]
+    chosen = [part.strip() for part in text.split(",")]
+    unknown = [part for part in chosen if part not in names]
+    if len(chosen) != 2 or unknown or chosen[0] == chosen[1]:
+        what = f"{', '.join(unknown)} not among them" if unknown else "two different ones"
+        raise InvalidOptionError(f"--pair takes two different task metrics of {problem.name} "
+                                 f"({', '.join(names)}), comma separated: {what}")
+    return names.index(chosen[0]), names.index(chosen[1])
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("problem", help="toy2d, xor-and, census-income, digits, multi-mnist or "
-                        "nyuv2")
-    parser.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
-    parser.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument("problem", help=f"one of {', '.join(PROBLEMS)}")
+    parser.add_argument("--seeds", type=_count(1), default=1, help="number of seeds (default 1)")
+    parser.add_argument("--first-seed", type=_count(0), default=0,
+                        help="first seed (default 0)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a problem setting (repeatable), e.g. --set epochs=20")
     parser.add_argument("--data", default=None, help="data directory (else $DECONFLICT_DATA)")
@@ -183,10 +283,10 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="retrain runs even if their records exist")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+    parser.add_argument("--checkpoint-every", type=_count(1), default=None, metavar="N",
                         help="save each run's full state every N steps (atomically, beside its "
                         "record; removed when the run completes)")
-    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+    parser.add_argument("--nproc", type=_count(1), default=1, metavar="N",
                         help="train each run in N processes with torch.distributed (each on its "
                         "share of every batch; --set ddp=local for local mode; default 1)")
     parser.add_argument("--resume", action="store_true",

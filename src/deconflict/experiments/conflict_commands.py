@@ -26,19 +26,33 @@ from ..diagnostics.plots import plot_cosine_histograms, plot_layer_heatmap
 from ..errors import InvalidOptionError
 from ..io import write_json, write_text
 from ..recon.scores import conflict_scores, top_layers
-from .commands import _config, _device, _seeds, execution
+from .commands import (
+    _config,
+    _device,
+    _seeds,
+    check_output,
+    execution,
+    method_spec,
+    split_specs,
+)
 from .problems import get_problem
-from .problems.base import SupervisedProblem
+from .problems.base import SupervisedProblem, problem_names
 from .report import _cell, percent, summarize
 from .runner import MethodSpec, _slug, run_many
 
 
+def _layered(cls: type) -> bool:
+    # Trained by the shared loop for a set number of epochs (--epochs, --score-epochs).
+    return issubclass(cls, SupervisedProblem) and any(
+        setting.name == "epochs" for setting in cls.schema)
+
+
 def _supervised(name: str) -> SupervisedProblem:
     problem = get_problem(name)
-    if not isinstance(problem, SupervisedProblem):
+    if not _layered(type(problem)):
         raise InvalidOptionError(
-            f"{problem.name} is not trained by layers of a shared network; diagnose and recon "
-            "take census-income, digits, multi-mnist or nyuv2")
+            f"{problem.name} is not trained for a set number of epochs by layers of a shared "
+            f"network; diagnose and recon take {', '.join(problem_names(_layered))}")
     return problem
 
 
@@ -64,18 +78,22 @@ def command_diagnose(args: argparse.Namespace) -> int:
     config = _config(problem, args)
     if args.epochs is not None:
         config["epochs"] = args.epochs
-    specs = [MethodSpec.parse(text) for text in args.method.split(",") if text.strip()]
-    if not specs:
+    texts = split_specs(args.method)
+    if not texts:
         raise InvalidOptionError("--method is empty")
-    for spec in specs:
-        spec.check()
+    if len(texts) > 1 and args.method_options:
+        raise InvalidOptionError("with several methods, give options as name:key=value in "
+                                 "--method, not as flags")
+    specs = [method_spec(args, text, args.method_options) for text in texts]
+    check_output(args.out)
+    device = _device(args.device)
     folder = Path(args.out) / problem.name / "diagnose"
     histograms, rows, written = {}, [], []
     for spec in specs:
         target = folder / _slug(spec.label)
         tensorboard = target / "tensorboard" if args.tensorboard else None
-        monitor, result = monitored_run(problem, spec, config, args.first_seed,
-                                        _device(args.device), not args.quiet, tensorboard)
+        monitor, result = monitored_run(problem, spec, config, args.first_seed, device,
+                                        not args.quiet, tensorboard)
         summary = monitor.summary()
         written += list(monitor.write_csv(target).values())
         written.append(plot_layer_heatmap(monitor.layer_cosines(), target / "layer_heatmap.png",
@@ -135,10 +153,9 @@ def command_recon(args: argparse.Namespace) -> int:
     config = _config(problem, args)
     if config.get("branch"):
         raise InvalidOptionError("recon chooses the branched layers itself: do not --set branch")
-    base = MethodSpec.parse(args.base_method)
-    spec = MethodSpec.parse(args.method)
-    for item in (base, spec):
-        item.check()
+    base = method_spec(args, args.base_method)
+    spec = method_spec(args, args.method, args.method_options)  # flags: --method's options
+    check_output(args.out)
     device = _device(args.device)
     folder = (Path(args.out) / problem.name / "recon"
               / _slug(f"{spec.label}-top{args.topk}-S{args.S:g}"))

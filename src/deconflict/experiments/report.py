@@ -9,7 +9,9 @@ weak non-conflict; GradOPS's mean r per task).
 sweep: one method over a grid of values of one option; per value the mean metrics over seeds;
 the per-task metrics as functions of the option; the Pareto front of the values in the space of
 the task metrics (all oriented to be maximized) and its hypervolume from a reference point 5% of
-each metric's range below the worst value observed (every front point then counts).
+each metric's range below the worst value observed (every front point then counts). The plot's
+front is that of the two task metrics it plots (``plotted_pair``), with its own hypervolume; every
+statement of a front or a hypervolume names the metrics it covers.
 """
 
 from __future__ import annotations
@@ -177,10 +179,15 @@ def compare_csv(problem: Problem, config: Mapping[str, Any], rows: Sequence[Row]
 def sweep_values(spec: str, tasks: int) -> list[Any]:
     """Values of a swept option: ``start:stop:count`` (evenly spaced), ``a,b,c`` (a list), or
     ``simplex:K`` (every weight vector with positive entries in multiples of T/K summing to T:
-    a grid of static loss weights, GradOPS Appendix C.3)."""
-    spec = spec.strip()
-    if spec.startswith("simplex:"):
-        K = int(spec.split(":", 1)[1])
+    a grid of static loss weights, GradOPS Appendix C.3).
+
+    A malformed grid (a bound that is not a finite number, a count that is not an integer >= 2,
+    repeated values) is an InvalidOptionError naming the grid, raised before anything runs.
+    """
+    text = spec.strip()
+    forms = "start:stop:count (e.g. -5:5:11), a,b,c or simplex:K"
+    if text.startswith("simplex:"):
+        K = _grid_integer(text, text.split(":", 1)[1], "K")
         if K < tasks:
             raise InvalidOptionError(f"simplex:{K} needs K >= {tasks} (one part per task)")
         grid = []
@@ -188,26 +195,154 @@ def sweep_values(spec: str, tasks: int) -> list[Any]:
             parts = np.diff([0, *cuts, K])
             grid.append([float(p) * tasks / K for p in parts])
         return grid
-    if spec.count(":") == 2:
-        start, stop, count = spec.split(":")
-        values = np.linspace(float(start), float(stop), int(count))
-        return [round(float(v), 10) for v in values]
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise InvalidOptionError(f"grid {text!r}: write {forms}")
+        start, stop = (_grid_number(text, part) for part in parts[:2])
+        count = _grid_integer(text, parts[2], "count")
+        if count < 2 and start != stop:
+            raise InvalidOptionError(f"grid {text!r}: the count must be at least 2 to go from "
+                                     f"{start:g} to {stop:g}")
+        values = [round(float(v), 10) for v in np.linspace(start, stop, count)]
+        if len(set(values)) != len(values):
+            raise InvalidOptionError(f"grid {text!r} repeats values (start equals stop)")
+        return values
     from .runner import parse_value
 
-    values = [parse_value(part) for part in spec.split(",") if part.strip()]
-    if not values:
-        raise InvalidOptionError(f"no values in {spec!r}")
+    parts = [part.strip() for part in text.split(",")]
+    if not text or any(not part for part in parts):
+        raise InvalidOptionError(f"grid {text!r} has an empty value: write {forms}")
+    values = [parse_value(part) for part in parts]
+    if len({repr(v) for v in values}) != len(values):
+        raise InvalidOptionError(f"grid {text!r} repeats a value")
     return values
+
+
+def _grid_number(grid: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise InvalidOptionError(f"grid {grid!r}: {text!r} is not a finite number")
+    return value
+
+
+def _grid_integer(grid: str, text: str, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidOptionError(f"grid {grid!r}: {what} {text!r} is not a whole number") \
+            from None
+    if value < 1:
+        raise InvalidOptionError(f"grid {grid!r}: {what} must be positive, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Front:
+    """The Pareto front of a sweep's values in the space of some of its metrics.
+
+    A value is on the front when no other value is at least as good in every one of
+    ``metrics`` and better in one (each metric in its own direction). The hypervolume is the
+    area (volume) those values dominate, measured from ``reference``: 5% of each metric's
+    observed range beyond its worst value, so every front value counts. Values with a NaN in
+    ``metrics`` are left out.
+    """
+
+    metrics: tuple[Metric, ...]
+    indices: list[int]  # the sweep values on the front, in sweep order
+    hypervolume: float
+    reference: list[float]  # in each metric's own units (not negated)
+
+    @property
+    def names(self) -> str:
+        """The metrics as "(a, b)", the way every statement of this front names them."""
+        return "(" + ", ".join(m.name for m in self.metrics) + ")"
+
+    def statement(self) -> str:
+        """One sentence giving the hypervolume, the metrics it covers and its reference."""
+        if not self.indices:
+            return f"No value has finite {self.names}: no Pareto front, no hypervolume."
+        reference = ", ".join(f"{m.name} = {v:.6g}" for m, v in zip(self.metrics, self.reference,
+                                                                    strict=True))
+        return (f"Hypervolume of the Pareto front over {self.names}: {self.hypervolume:.6g} "
+                f"(reference point {reference}; each metric in its own direction).")
+
+
+def pareto_of(means: Sequence[Mapping[str, float]], metrics: Sequence[Metric]) -> Front:
+    """The Pareto front of the rows ``means`` in the space of ``metrics`` and its hypervolume."""
+    metrics = tuple(metrics)
+    sign = np.array([1.0 if m.higher_is_better else -1.0 for m in metrics])
+    # Oriented so that every objective is maximized (what pareto_front and hypervolume take).
+    points = np.array([[row[m.name] for m in metrics] for row in means],
+                      dtype=np.float64).reshape(len(means), len(metrics)) * sign
+    finite = np.flatnonzero(np.all(np.isfinite(points), axis=1))
+    if finite.size == 0:
+        return Front(metrics, [], math.nan, [math.nan] * len(metrics))
+    front = sorted(int(i) for i in finite[pareto_front(points[finite])])
+    low, high = points[finite].min(axis=0), points[finite].max(axis=0)
+    reference = low - 0.05 * np.where(high > low, high - low, 1.0)
+    volume = hypervolume(points[front], reference)
+    return Front(metrics, front, volume, (reference * sign).tolist())
 
 
 @dataclass(frozen=True)
 class SweepResult:
+    """Per swept value the mean metrics over seeds; ``front``, ``hypervolume`` and
+    ``reference`` are those of the Pareto front over all task metrics (``metrics``)."""
+
     values: list[Any]
     means: list[dict[str, float]]
     front: list[int]
     hypervolume: float
     reference: list[float]
     metrics: tuple[Metric, ...]
+
+    def front_over(self, metrics: Sequence[Metric] | None = None) -> Front:
+        """The Pareto front over ``metrics`` (default: all task metrics)."""
+        return pareto_of(self.means, self.metrics if metrics is None else metrics)
+
+
+def plotted_pair(metrics: Sequence[Metric],
+                 pair: Sequence[int | str] | None = None) -> tuple[Metric, Metric]:
+    """The two task metrics of a sweep's front plot: ``pair`` by position or by name, or by
+    default the first metric of each of the first two tasks (two metrics of one task, such as
+    xor-and's converged_xor and epochs_xor, say nothing about the trade-off between tasks)."""
+    metrics = tuple(metrics)
+    if len(metrics) < 2:
+        raise InvalidOptionError(f"a front plot needs two task metrics, there is "
+                                 f"{len(metrics)}")
+    if pair is None:
+        firsts = list({m.task: m for m in reversed(metrics)}.values())[::-1]
+        chosen = firsts[:2] if len(firsts) >= 2 else list(metrics[:2])
+        return chosen[0], chosen[1]
+    names = [m.name for m in metrics]
+    picked = []
+    for item in pair:
+        if isinstance(item, str):
+            if item not in names:
+                raise InvalidOptionError(f"{item!r} is not a task metric; choose two of "
+                                         f"{', '.join(names)}")
+            item = names.index(item)
+        picked.append(metrics[item])
+    if len(picked) != 2 or picked[0] == picked[1]:
+        raise InvalidOptionError(f"the front plot takes two different task metrics of "
+                                 f"{', '.join(names)}")
+    return picked[0], picked[1]
+
+
+def hypervolume_lines(result: SweepResult, pair: Sequence[int | str] | None = None) -> list[str]:
+    """The sweep report's statement of its fronts: the one over all task metrics (the values
+    marked in the table) and, when it differs, the one of the plotted pair."""
+    front = result.front_over()
+    lines = [f"Front column: * marks the values on the Pareto front over {front.names}.", "",
+             front.statement()]
+    if len(result.metrics) > 2:
+        plotted = result.front_over(plotted_pair(result.metrics, pair))
+        lines += ["", "Plotted pair: " + plotted.statement()]
+    return lines
 
 
 def sweep_summary(problem: Problem, config: Mapping[str, Any], specs: Sequence[MethodSpec],
@@ -217,24 +352,17 @@ def sweep_summary(problem: Problem, config: Mapping[str, Any], specs: Sequence[M
     values = [spec.options[option] for spec in specs]
     means = [{m.name: _mean_std(_values(records[spec.label], split, m.name))[0]
               for m in metrics} for spec in specs]
-    points = np.array([[row[m.name] if m.higher_is_better else -row[m.name]
-                        for m in task_metrics] for row in means])
-    finite = np.all(np.isfinite(points), axis=1)
-    front = [int(i) for i in np.flatnonzero(finite)[pareto_front(points[finite])]] \
-        if finite.any() else []
-    if front:
-        low, high = points[finite].min(axis=0), points[finite].max(axis=0)
-        reference = low - 0.05 * np.where(high > low, high - low, 1.0)
-        volume = hypervolume(points[front], reference)
-    else:
-        reference, volume = np.full(len(task_metrics), np.nan), math.nan
-    return SweepResult(values, means, front, volume, reference.tolist(), task_metrics)
+    front = pareto_of(means, task_metrics)
+    return SweepResult(values, means, front.indices, front.hypervolume, front.reference,
+                       task_metrics)
 
 
 def sweep_csv(result: SweepResult, option: str, all_metrics: Sequence[Metric]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow([option, *(m.name for m in all_metrics), "on_front"])
+    # The column names the metrics of its front, like every other statement of a front.
+    front_column = "on_front[" + ";".join(m.name for m in result.metrics) + "]"
+    writer.writerow([option, *(m.name for m in all_metrics), front_column])
     for k, (value, row) in enumerate(zip(result.values, result.means, strict=True)):
         shown = "/".join(f"{v:g}" for v in value) if isinstance(value, list) else value
         writer.writerow([shown, *(row[m.name] for m in all_metrics), k in result.front])

@@ -32,14 +32,14 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..errors import InvalidOptionError
+from ..errors import DataFormatError, InvalidOptionError
 from ..io import save_torch, write_json
+from ..methods.options import parse_options
 from ..methods.registry import get, method_class
 from .problems import get_problem
 from .problems.base import (
     Checkpointing,
     Problem,
-    SupervisedProblem,
     TrainResult,
     essential_config,
 )
@@ -49,7 +49,11 @@ SINGLE_TASK = "single_task"
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method name and its options; ``parse("gradops:alpha=-3")`` reads the CLI form."""
+    """A method name and its options; ``parse("gradops:alpha=-3")`` reads the CLI form.
+
+    ``options`` holds only what the user gave, validated by the method's declaration (so a
+    record shows exactly the options that were set).
+    """
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
@@ -71,15 +75,35 @@ class MethodSpec:
             get(self.name, **self.options)
 
     @classmethod
-    def parse(cls, text: str) -> MethodSpec:
+    def parse(cls, text: str, extra: Sequence[tuple[str, str]] = ()) -> MethodSpec:
+        """``name:key=value:...``, plus options given apart (``--key value``) in ``extra``.
+
+        Values are parsed by the types the method declares; an unknown method or option, a
+        value of the wrong type or out of range, or an option given twice is an
+        InvalidOptionError (UnknownMethodError for the name).
+        """
         name, *parts = text.strip().split(":")
-        options = {}
+        if not name.strip():
+            raise InvalidOptionError(f"method spec {text!r} has no method name")
+        given: list[tuple[str, str]] = []
         for part in parts:
-            if "=" not in part:
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
                 raise InvalidOptionError(f"method option {part!r} in {text!r} is not key=value")
-            key, value = part.split("=", 1)
-            options[key.strip()] = parse_value(value)
-        return cls(name.strip().lower().replace("-", "_"), options)
+            given.append((key, value))
+        texts: dict[str, str] = {}
+        for key, value in [*given, *extra]:
+            key = key.strip().replace("-", "_")
+            if key in texts:
+                raise InvalidOptionError(f"method option {key} is given twice")
+            texts[key] = value
+        name = name.strip().lower().replace("-", "_")
+        if name == SINGLE_TASK:
+            if texts:
+                raise InvalidOptionError(f"{SINGLE_TASK} takes no options")
+            return cls(name)
+        method = method_class(name)
+        return cls(method.name, parse_options(method.name, method.OPTIONS, texts))
 
 
 def _format(value: Any) -> str:
@@ -140,6 +164,79 @@ def _clean(value: Any) -> Any:
     return value
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``checkpoints`` are the files that let ``--resume`` continue it."""
+
+    def __init__(self, label: str, checkpoints: Sequence[Path]) -> None:
+        super().__init__(label)
+        self.label = label
+        self.checkpoints = list(checkpoints)
+
+
+def _checkpoints(path: Path) -> list[Path]:
+    """The checkpoint files of the run recorded at ``path`` (per task, per rank included)."""
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(f"{path.stem}*.ckpt"))
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataFormatError(f"the run record {path} cannot be read ({_first_line(error)}): "
+                              "delete it, or rerun with --force to retrain the run") from None
+    if not isinstance(record, dict):
+        raise DataFormatError(f"the run record {path} is not a JSON object: delete it, or rerun "
+                              "with --force to retrain the run")
+    return record
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _reusable(path: Path, spec: MethodSpec, config: Mapping[str, Any], force: bool
+              ) -> dict[str, Any] | None:
+    if force or not path.is_file():
+        return None
+    record = _read_record(path)
+    if (essential_config(record.get("config") or {}) == essential_config(config)
+            and record.get("options") == _clean(spec.options)):
+        return record
+    return None
+
+
+def preflight(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any],
+              out: str | Path = "results", force: bool = False, resume: bool = False) -> None:
+    """Refuse, before anything trains, what would fail or go wrong in ``run``.
+
+    A corrupt record is named (reading it would fail); a checkpoint left by an interrupted run
+    must be continued (``resume``) or discarded (``force``) explicitly, never silently
+    overwritten by a run started over; with ``resume`` the checkpoint must be readable.
+    """
+    problem = get_problem(problem_name)
+    spec.check()
+    config = _clean(dict(config))
+    path = run_path(Path(out), problem, spec, seed, config)
+    if _reusable(path, spec, config, force) is not None:
+        return
+    checkpoints = _checkpoints(path)
+    if checkpoints and not resume and not force:
+        raise InvalidOptionError(
+            f"{checkpoints[0]} holds an interrupted run of {spec.label} (seed {seed}): add "
+            "--resume (with --checkpoint-every) to continue it, or --force to start it over")
+    if resume:
+        for checkpoint in checkpoints:
+            try:
+                torch.load(checkpoint, map_location="cpu", weights_only=False)
+            except Exception as error:  # any unreadable file: name it, whatever torch raised
+                raise DataFormatError(
+                    f"the checkpoint {checkpoint} cannot be read ({_first_line(error)}): "
+                    "delete it to start the run over, or rerun with --force") from None
+
+
 def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any],
         device: str | torch.device = "cpu", out: str | Path = "results", force: bool = False,
         progress: bool = False, checkpoint_every: int | None = None,
@@ -156,23 +253,19 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
     device = torch.device(device)
     config = _clean(dict(config))
     path = run_path(Path(out), problem, spec, seed, config)
-    if path.is_file() and not force:
-        record = json.loads(path.read_text())
-        if (essential_config(record.get("config") or {}) == essential_config(config)
-                and record.get("options") == _clean(spec.options)):
-            return record
-    if (checkpoint_every is not None or resume) and not isinstance(problem, SupervisedProblem):
-        raise InvalidOptionError(f"{problem.name} runs in seconds to minutes and is not "
-                                 "checkpointed; --checkpoint-every and --resume apply to "
-                                 "census-income, digits, multi-mnist and nyuv2")
+    reused = _reusable(path, spec, config, force)
+    if reused is not None:
+        return reused
+    preflight(problem_name, spec, seed, config, out, force, resume)
     if nproc < 1 or (nproc > 1 and spec.name == SINGLE_TASK):
         raise InvalidOptionError(f"--nproc {nproc}: give a positive number of processes (the "
                                  "single-task baseline runs in one)")
-    if nproc > 1 and not isinstance(problem, SupervisedProblem):
-        raise InvalidOptionError(f"{problem.name} trains on a handful of points; --nproc "
-                                 "applies to census-income, digits, multi-mnist and nyuv2")
+    problem.check_execution(checkpoint=checkpoint_every is not None or resume, nproc=nproc)
     if resume and checkpoint_every is None:
         raise InvalidOptionError("--resume needs --checkpoint-every (how often to keep saving)")
+    if force and not resume:  # --force starts over: an old checkpoint must not be resumed later
+        for stale in _checkpoints(path):
+            stale.unlink()
 
     def checkpoint(part: str = "") -> dict[str, Any]:
         if checkpoint_every is None:
@@ -181,28 +274,31 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
                                             checkpoint_every, resume)}
 
     started = time.perf_counter()
-    if spec.name == SINGLE_TASK:
-        metrics: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
-        statistics: dict[str, Any] = {}
-        note = ""
-        plans = []
-        for task in problem.tasks(config):
-            plan = checkpoint(f"-{task}")
-            plans.append(plan)
-            result = problem.train(MethodSpec("sum").factory(), config, seed, device,
-                                   tasks=[task], progress=progress, **plan)
-            for split in metrics:
-                metrics[split].update(result.metrics[split])
-            note = result.note
-    else:
-        plans = [checkpoint()]
-        if nproc > 1:
-            result = train_distributed(problem, spec, config, seed, device, nproc, progress,
-                                       plans[0])
+    try:
+        if spec.name == SINGLE_TASK:
+            metrics: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
+            statistics: dict[str, Any] = {}
+            note = ""
+            plans = []
+            for task in problem.tasks(config):
+                plan = checkpoint(f"-{task}")
+                plans.append(plan)
+                result = problem.train(MethodSpec("sum").factory(), config, seed, device,
+                                       tasks=[task], progress=progress, **plan)
+                for split in metrics:
+                    metrics[split].update(result.metrics[split])
+                note = result.note
         else:
-            result = problem.train(spec.factory(), config, seed, device, progress=progress,
-                                   **plans[0])
-        metrics, statistics, note = result.metrics, result.statistics, result.note
+            plans = [checkpoint()]
+            if nproc > 1:
+                result = train_distributed(problem, spec, config, seed, device, nproc, progress,
+                                           plans[0])
+            else:
+                result = problem.train(spec.factory(), config, seed, device, progress=progress,
+                                       **plans[0])
+            metrics, statistics, note = result.metrics, result.statistics, result.note
+    except KeyboardInterrupt:
+        raise RunInterrupted(spec.label, _checkpoints(path)) from None
     record = _clean({
         "problem": problem.name, "method": spec.name, "options": spec.options,
         "label": spec.label, "seed": seed, "config": config, "nproc": nproc, "metrics": metrics,
@@ -271,12 +367,15 @@ def run_many(problem_name: str, specs: Sequence[MethodSpec], seeds: Sequence[int
     """Every (method, seed) run; records grouped by method label, in the given order."""
     from tqdm import tqdm
 
-    for spec in specs:
-        spec.check()
+    if len({spec.label for spec in specs}) != len(specs):
+        raise InvalidOptionError(f"a method is given twice: {[spec.label for spec in specs]}")
     records: dict[str, list[dict[str, Any]]] = {spec.label: [] for spec in specs}
     jobs = [(spec, seed) for spec in specs for seed in seeds]
+    for spec, seed in jobs:  # every refusal before the first run trains
+        preflight(problem_name, spec, seed, config, out, force, resume)
     for spec, seed in tqdm(jobs, desc=f"{problem_name}: runs", unit="run", disable=not progress):
+        # Each run's own bar over its steps sits under this one (tqdm stacks open bars).
         records[spec.label].append(run(problem_name, spec, seed, config, device, out, force,
-                                       progress=False, checkpoint_every=checkpoint_every,
+                                       progress=progress, checkpoint_every=checkpoint_every,
                                        resume=resume, nproc=nproc))
     return records

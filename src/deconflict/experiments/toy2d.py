@@ -12,6 +12,10 @@ theta = (x1, x2), two losses (EXPERIMENTS.md Section 1, checked against the auth
 The Pareto set is the segment from (-7, -8.3552) to (7, -8.3552). Every parameter is shared,
 so the task Jacobian at theta is the 2 x 2 matrix of the two loss gradients.
 
+Start points: the CAGrad paper's Section 5.1 picks five, (-8.5, 7.5), (-8.5, -5), (0, 0),
+(9, 9) and (10, -8) (``PAPER_START_POINTS``); its public code and GradOPS Figure 2 use the first,
+second and fourth (``CODE_START_POINTS``, the default ``START_POINTS``).
+
 ``optimize`` runs many trajectories (one method instance each) in one batch: the losses and
 gradients of all trajectories come from the closed form in ``toy_problem`` (tested against
 autograd), each method maps its trajectory's Gramian to weights through the public
@@ -22,7 +26,8 @@ the losses after the step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,21 +38,27 @@ from ..methods.base import Method
 LOWER = 5e-6
 PARETO_Y = -8.3552
 PARETO_X = (-7.0, 7.0)
-START_POINTS: tuple[tuple[float, float], ...] = ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0))
+PAPER_START_POINTS: tuple[tuple[float, float], ...] = (
+    (-8.5, 7.5), (-8.5, -5.0), (0.0, 0.0), (9.0, 9.0), (10.0, -8.0))
+CODE_START_POINTS: tuple[tuple[float, float], ...] = ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0))
+START_POINTS = CODE_START_POINTS
 
 
 def toy_problem(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Losses (..., 2) and task Jacobians (..., 2, 2) at points (..., 2), in closed form.
 
-    Row t of a Jacobian is the gradient of L_t. The max(., 5e-6) and max(., 0) clamps have zero
-    gradient where they are active, as in the authors' PyTorch code.
+    Row t of a Jacobian is the gradient of L_t, equal to autograd of the same formula written
+    with ``torch.clamp`` (the authors' PyTorch code) everywhere: a clamp passes the gradient
+    where its input is at or above the bound (clamp's subgradient at the kink is the identity's),
+    so at x2 = 0, where tanh(x2 / 2) = 0, both c1 and c2 have slope +-1/2 and the gradient is
+    not zero, and |a| = 5e-6 exactly still differentiates the log.
     """
     x1, x2 = np.moveaxis(np.asarray(points, dtype=np.float64), -1, 0)
     th = np.tanh(x2)
     sech2 = 1.0 - th * th
     a1 = -0.5 * x1 - 3.5 + th  # 0.5 (-x1 - 7) - tanh(-x2)
     a2 = -0.5 * x1 + 3.5 - th  # 0.5 (-x1 + 3) + tanh(-x2) + 2
-    live1, live2 = np.abs(a1) > LOWER, np.abs(a2) > LOWER
+    live1, live2 = np.abs(a1) >= LOWER, np.abs(a2) >= LOWER
     f1 = np.log(np.maximum(np.abs(a1), LOWER)) + 6.0
     f2 = np.log(np.maximum(np.abs(a2), LOWER)) + 6.0
     inv1 = np.where(live1, 1.0 / np.where(live1, a1, 1.0), 0.0)  # d log|a| = da / a
@@ -63,8 +74,8 @@ def toy_problem(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     half = np.tanh(0.5 * x2)
     dhalf = 0.5 * (1.0 - half * half)
     c1, c2 = np.maximum(half, 0.0), np.maximum(-half, 0.0)
-    dc1 = np.where(half > 0.0, dhalf, 0.0)
-    dc2 = np.where(half < 0.0, -dhalf, 0.0)
+    dc1 = np.where(half >= 0.0, dhalf, 0.0)
+    dc2 = np.where(half <= 0.0, -dhalf, 0.0)
     losses = np.stack([c1 * f1 + c2 * g1, c1 * f2 + c2 * g2], axis=-1)
     jacobians = np.stack([
         np.stack([c1 * df1[0] + c2 * dg1[0], c1 * df1[1] + f1 * dc1 + c2 * dg1[1] + g1 * dc2],
@@ -98,20 +109,36 @@ def optimize(
     lr: float = 1e-3,
     record_every: int = 20,
     progress: Callable[[int], None] | None = None,
+    postfix: Callable[[np.ndarray], None] | None = None,
+    save: Callable[[dict[str, Any]], None] | None = None,
+    save_every: int = 0,
+    resume: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
     """Adam on the toy problem, one trajectory per (method, start) pair.
 
     Returns the recorded points (B, steps // record_every + 1, 2), the last being the final
-    point. ``progress`` is called with the number of steps done since its last call.
+    point. ``progress`` is called with the number of steps done since its last call, every 100
+    steps, and ``postfix`` then with the current losses (B, 2). ``save`` is called every
+    ``save_every`` steps with the whole state (step, points, Adam's and the methods' states,
+    the points recorded so far); ``resume`` (such a state) continues from it, to the same end.
     """
     if len(methods) != len(starts):
         raise ValueError(f"{len(methods)} methods for {len(starts)} start points")
     theta = torch.tensor(starts, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=lr)
     recorded = [theta.detach().numpy().copy()]
-    done = 0
+    first = 1
+    if resume is not None:
+        with torch.no_grad():
+            theta.copy_(resume["theta"])
+        optimizer.load_state_dict(resume["optimizer"])
+        for method, state in zip(methods, resume["methods"], strict=True):
+            method.load_state_dict(state)
+        recorded = [np.array(points) for points in resume["recorded"]]
+        first = resume["step"] + 1
+    done = first - 1
     after_step = [m for m in methods if m.needs_losses_after_step]
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         losses, J = toy_problem(theta.detach().numpy())
         gramians = J @ np.swapaxes(J, 1, 2)
         updates = np.empty((len(methods), 2))
@@ -129,7 +156,15 @@ def optimize(
                     method.after_step(new_losses[b])
         if step % record_every == 0 or step == steps:
             recorded.append(theta.detach().numpy().copy())
-        if progress is not None and (step % 100 == 0 or step == steps):
-            progress(step - done)
+        if step % 100 == 0 or step == steps:
+            if progress is not None:
+                progress(step - done)
+            if postfix is not None:
+                postfix(losses)
             done = step
+        if save is not None and save_every and step % save_every == 0:
+            save({"step": step, "theta": theta.detach().clone(),
+                  "optimizer": optimizer.state_dict(),
+                  "methods": [method.state_dict() for method in methods],
+                  "recorded": [points.copy() for points in recorded]})
     return np.stack(recorded, axis=1)

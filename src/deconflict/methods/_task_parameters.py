@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from ..errors import ShapeError
-from .base import Context, Diagnostics, LossWeighting, bounded_option, finite_option
+from .base import Context, Diagnostics, LossWeighting
+from .options import Option
 
 
 class TaskParameters:
@@ -61,17 +62,18 @@ class LearnedWeighting(LossWeighting):
 
     stateful = True
 
+    OPTIONS = (
+        Option("lr", "float", 0.025, "Adam learning rate of s", low=0.0),
+        Option("init", "float", 0.0, "the initial value of every s_i"),
+    )
+
     def __init__(self, lr: float = 0.025, init: float = 0.0) -> None:
-        self.lr = bounded_option(self.name, "lr", lr, 0.0)
-        self.init = finite_option(self.name, "init", init)
+        self._set_options(lr=lr, init=init)
         self.parameters: TaskParameters | None = None
 
     @property
     def needs_losses(self) -> bool:
         return True
-
-    def options(self) -> dict[str, object]:
-        return {"lr": self.lr, "init": self.init}
 
     def _weights_from(self, s: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -22,9 +22,11 @@ from typing import Literal
 
 import numpy as np
 
-from .base import Context, Diagnostics, Method, bounded_option, choice_option
+from ._zero_update import note_zero_update
+from .base import Context, Diagnostics, Method
+from .options import Option
 from .registry import register
-from .upgrad import check_preference, preference_weights
+from .upgrad import preference_weights
 
 _FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
@@ -51,7 +53,9 @@ class AlignedMTL(Method):
     """Aligned-MTL (CVPR 2023); see the module docstring.
 
     Options: ``scale_mode`` in {"min", "median", "rmse"}, ``pref_vector`` (default ones),
-    ``rtol`` (default T * float32 eps). Diagnostics: ``balance`` (the matrix B).
+    ``rtol`` (default T * float32 eps). Diagnostics: ``balance`` (the matrix B),
+    ``zero_update``: None, or "stationary" (zero at a strongly Pareto-stationary J) or
+    "cancelled" (B w = 0 elsewhere; a ``ZeroUpdateWarning`` once per instance).
     """
 
     name = "aligned_mtl"
@@ -64,17 +68,21 @@ class AlignedMTL(Method):
     def scales_task_gradients(self) -> bool:
         return False  # the update is built from modified gradients, not reported per task
 
+    OPTIONS = (
+        Option("scale_mode", "str", "min", "the common norm of the aligned gradients: from the "
+               "smallest kept eigenvalue, the median one or their mean",
+               choices=("min", "median", "rmse")),
+        Option("pref_vector", "float", None, "non-negative task preferences w (none: ones)",
+               low=0.0, nullable=True, shape="list"),
+        Option("rtol", "float", None, "eigenvalues below rtol * lambda_max are dropped (none: "
+               "T * float32 eps, the official tolerance)", low=0.0, high=1.0, nullable=True),
+    )
+
     def __init__(
         self, scale_mode: Literal["min", "median", "rmse"] = "min",
         pref_vector: Sequence[float] | None = None, rtol: float | None = None,
     ) -> None:
-        self.scale_mode = choice_option(self.name, "scale_mode", scale_mode,
-                                        ("min", "median", "rmse"))
-        self.pref_vector = check_preference(self.name, pref_vector)
-        self.rtol = None if rtol is None else bounded_option(self.name, "rtol", rtol, 0.0, 1.0)
-
-    def options(self) -> dict[str, object]:
-        return {"scale_mode": self.scale_mode, "pref_vector": self.pref_vector, "rtol": self.rtol}
+        self._set_options(scale_mode=scale_mode, pref_vector=pref_vector, rtol=rtol)
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         assert M is not None
@@ -83,4 +91,11 @@ class AlignedMTL(Method):
         B = balance_transformation(M, self.scale_mode, rtol)
         w = np.ones(T) if self.pref_vector is None else preference_weights(
             self.name, self.pref_vector, T)
-        return B @ w, {"balance": B}
+        c = B @ w
+        diagnostics: Diagnostics = {"balance": B}
+        # B w = 0 when w is orthogonal to every kept eigenvector, which a large pair of
+        # opposite gradients with a small remainder below rtol achieves at a non-stationary J.
+        note_zero_update(self, M, c, diagnostics, "cancelled",
+                         "the preference vector is orthogonal to every eigenvector of the "
+                         "Gramian above rtol, so the aligned gradients cancel")
+        return c, diagnostics

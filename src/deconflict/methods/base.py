@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..errors import InvalidOptionError, NonFiniteError, ShapeError
 from ..linalg import as_gramian_array, single_threaded_blas, to_numpy
+from .options import Option
 
 Diagnostics = dict[str, Any]
 KINDS = ("losses", "gramian", "block_gramians", "jacobian")
@@ -62,6 +63,9 @@ class Method(ABC):
     - ``needs_features``: the method only makes sense in representation mode (MGDA-UB);
     - ``needs_losses_after_step``: the method must be told the losses after the optimizer step
       through ``after_step`` (FAMO).
+    - ``OPTIONS``: the declaration of the constructor's keyword arguments (``options.Option``);
+      the constructor validates them with ``_set_options``, and ``options()``, the repr and the
+      command line read the declaration.
 
     Gramian and loss-weighting methods implement ``_compute(M, context)``; block-Gramian methods
     ``block_weights``; Jacobian methods ``combine_jacobian``.
@@ -71,6 +75,7 @@ class Method(ABC):
     summary: ClassVar[str]
     paper: ClassVar[str]
     family: ClassVar[str]
+    OPTIONS: ClassVar[tuple[Option, ...]] = ()
     stateful: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
     needs_losses_after_step: ClassVar[bool] = False
@@ -196,14 +201,23 @@ class Method(ABC):
         """Forget all state (stateless methods: nothing to do)."""
 
     def options(self) -> dict[str, Any]:
-        """The options this instance was built with (shown in its repr)."""
-        return {}
+        """The options this instance was built with (shown in its repr), as declared."""
+        return {option.name: getattr(self, option.key) for option in self.OPTIONS}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{key}={value!r}" for key, value in self.options().items())
         return f"{type(self).__name__}({args})"
 
     # -------------------------------------------------------------------------- for subclasses
+    def _set_options(self, **values: Any) -> None:
+        """Validate each declared option by its declaration and keep it as an attribute."""
+        declared = [option.name for option in self.OPTIONS]
+        if sorted(values) != sorted(declared):  # the constructor and OPTIONS disagree: a bug
+            raise TypeError(f"{type(self).__name__} sets options {sorted(values)} but declares "
+                            f"{declared}")
+        for option in self.OPTIONS:
+            setattr(self, option.key, option.validate(self.name, values[option.name]))
+
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         """Weights (T,) and diagnostics from a validated float64 Gramian."""
         raise NotImplementedError(f"{self.name} does not compute weights from one Gramian")

@@ -12,37 +12,99 @@ gradient) and ``rescale`` (0: D; 1: D / (1 + c^2), the official default; 2: D / 
 The official image-to-image code, nash-mtl and Recon also multiply by T; multiply the learning
 rate instead if you need that scale.
 
-Degenerate case: when the optimal g_w* is (within 1e-6 of the largest gradient norm) zero, the
-hull of the gradients (nearly) contains 0 and the direction g_w / ||g_w|| is undefined; D = g0
-is returned, like the official code's eps guard (TorchJD returns 0 instead), and the
-diagnostic ``stationary`` is True.
+Degenerate case (documented deviation from the official code). When the optimal g_w* is zero
+(to the resolution of the dual solve: 1e-6 of the largest gradient norm), the hull of the
+gradients contains 0, the dual value is F(w*) = 0 and the direction g_w / ||g_w|| is undefined.
+Every D in the ball with J D >= 0 then attains the primal optimum 0 of Eq. 3 (0 is an upper
+bound: sum_i w*_i g_i . D = 0), and the closest such D to g0 is P(g0), the projection of g0 onto
+the dual cone {x : J x >= 0} (``dual_cone_weights``). P(g0) lies in the ball whenever the optimum
+is attained (by strong duality some feasible D has J D >= 0, and P(g0) is the closest to the
+centre); for c >= 1 always, since 0 is in the cone and ||0 - g0|| <= c ||g0||. So with
+``degenerate="definition"`` (default) D = P(g0): zero when a strictly positive combination of
+the gradients vanishes (strongly Pareto-stationary: the cone is the null space of J), else a
+direction that improves some tasks and harms none. Should rounding put P(g0) outside the ball
+(c < 1, a nearly degenerate hull), D is the ball's point on the segment from g0 to P(g0).
+``degenerate="official"`` keeps the authors' eps guard, D = g0 (which conflicts: for
+G = [[2, 0.3], [-1, -0.15]] and c = 10 it gives G D = [1.02, -0.51] before rescaling). TorchJD
+returns 0. The diagnostic ``stationary`` is True in this case.
+
+Guarantee for c >= 1: D never conflicts with a task (D = 0 is feasible, so the optimum of Eq. 3
+is >= 0). The update is checked against it (``solvers.conflicts``, a rounding-error bound);
+should the dual solve miss it, D is replaced by P(g0), which is feasible and non-conflicting,
+and the diagnostic ``fallback`` is True. Measured on 1,500 fuzzed Jacobians at c in {1, 2, 10}:
+without norm spans only at c = 1 exactly (8 cases: there the dual optimum can be g_w
+antiparallel to g0, D ~ 0 up to rounding); with norms spanning up to 1e12 in 173 cases at every
+c. The dual solve resolves g_w to 1e-6 of the largest gradient norm, so for spans beyond 1e6 the
+small tasks' share of the optimum is below its resolution: the update keeps the c >= 1
+guarantee, and for c < 1 it is optimal only to that resolution (not improved in issue 13).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from ..solvers import conflict_averse_weights
-from .base import Context, Diagnostics, Method, bounded_option, choice_option
+from ..solvers import (
+    conflict_averse_weights,
+    conflicts,
+    dual_cone_weights,
+    stationary_support,
+)
+from .base import Context, Diagnostics, Method
+from .options import Option
 from .registry import register
+
+DEGENERATE = ("definition", "official")
+
+
+def _cone_point_in_ball(M: np.ndarray, anchor: np.ndarray, c: float) -> np.ndarray:
+    """Weights of P(g_a), g_a's projection onto the dual cone, pulled into the ball if outside.
+
+    When every task is in a vanishing positive combination (``stationary_support``), the cone
+    is J's null space and P(g_a) = 0 exactly: zero weights, not a projection's rounding.
+    """
+    if stationary_support(M).all():
+        return np.zeros_like(anchor)
+    projection = dual_cone_weights(M, anchor[None, :])[0]
+    step = projection - anchor
+    distance = math.sqrt(max(float(step @ M @ step), 0.0))
+    radius = c * math.sqrt(max(float(anchor @ M @ anchor), 0.0))
+    if distance <= radius:
+        return projection
+    return anchor + (radius / distance) * step
 
 
 def cagrad_weights(
-    M: np.ndarray, anchor: np.ndarray, c: float, rescale: int
+    M: np.ndarray, anchor: np.ndarray, c: float, rescale: int, degenerate: str = "definition"
 ) -> tuple[np.ndarray, Diagnostics]:
-    """Weights over the rows of a Gramian for the ball around g_a = J^T anchor (CAGrad: 1/T)."""
+    """Weights over the rows of a Gramian for the ball around g_a = J^T anchor (CAGrad: 1/T).
+
+    See the module docstring for the degenerate case and the c >= 1 guarantee.
+    """
     w, gw_norm, anchor_norm = conflict_averse_weights(M, anchor, c)
-    stationary = gw_norm == 0.0
-    weights = anchor.copy() if stationary else anchor + (c * anchor_norm / gw_norm) * w
+    stationary = gw_norm == 0.0 and c > 0.0 and anchor_norm > 0.0
+    if gw_norm > 0.0:
+        weights = anchor + (c * anchor_norm / gw_norm) * w
+    elif not stationary or degenerate == "official":  # c = 0 or g_a = 0: the ball is {g_a}
+        weights = anchor.copy()
+    else:
+        weights = _cone_point_in_ball(M, anchor, c)
+    fallback = False
+    if c >= 1.0 and degenerate == "definition" and np.any(conflicts(M, weights)):
+        weights, fallback = _cone_point_in_ball(M, anchor, c), True
     weights = weights / (1.0, 1.0 + c * c, 1.0 + c)[rescale]
-    return weights, {"dual_weights": w, "stationary": bool(stationary)}
+    return weights, {"dual_weights": w, "stationary": bool(stationary), "fallback": fallback}
 
 
 @register
 class CAGrad(Method):
     """CAGrad (Liu et al., NeurIPS 2021, Eq. 3 and its dual); see the module docstring.
 
-    Diagnostics: ``dual_weights`` (w*), ``stationary`` (the degenerate case above).
+    Options: ``c``, ``rescale``, ``degenerate`` (see the module docstring).
+
+    Diagnostics: ``dual_weights`` (w*), ``stationary`` (the degenerate case above),
+    ``fallback`` (c >= 1 and the dual solve's update conflicted: replaced by P(g0)).
     """
 
     name = "cagrad"
@@ -50,14 +112,20 @@ class CAGrad(Method):
     paper = "Liu et al., Conflict-Averse Gradient Descent for Multi-task Learning, NeurIPS 2021"
     family = "multi-objective"
 
-    def __init__(self, c: float = 0.5, rescale: int = 1) -> None:
-        self.c = bounded_option(self.name, "c", c, 0.0)
-        self.rescale = choice_option(self.name, "rescale", rescale, (0, 1, 2))
+    OPTIONS = (
+        Option("c", "float", 0.5, "radius of the ball around the mean gradient, relative to "
+               "its norm (Eq. 3)", low=0.0),
+        Option("rescale", "int", 1, "0: the update D; 1: D / (1 + c^2), the official default; "
+               "2: D / (1 + c)", choices=(0, 1, 2)),
+        Option("degenerate", "str", "definition", "when the hull of the gradients contains 0: "
+               "the optimum of Eq. 3 (definition) or the mean gradient (official code)",
+               choices=DEGENERATE),
+    )
 
-    def options(self) -> dict[str, object]:
-        return {"c": self.c, "rescale": self.rescale}
+    def __init__(self, c: float = 0.5, rescale: int = 1, degenerate: str = "definition") -> None:
+        self._set_options(c=c, rescale=rescale, degenerate=degenerate)
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         assert M is not None
         T = M.shape[0]
-        return cagrad_weights(M, np.full(T, 1.0 / T), self.c, self.rescale)
+        return cagrad_weights(M, np.full(T, 1.0 / T), self.c, self.rescale, self.degenerate)

@@ -22,8 +22,9 @@ import math
 import numpy as np
 
 from ..errors import ShapeError
-from .base import Context, Diagnostics, Method, SeededRandomness, bounded_option, choice_option
-from .cagrad import cagrad_weights
+from .base import Context, Diagnostics, Method, SeededRandomness
+from .cagrad import DEGENERATE, cagrad_weights
+from .options import Option
 from .registry import register
 
 
@@ -42,12 +43,13 @@ def subsampling_matrix(num_tasks: int, sampled: np.ndarray) -> np.ndarray:
 class CAGradFast(SeededRandomness, Method):
     """CAGrad-Fast (CAGrad paper Eq. 4); see the module docstring.
 
-    Options: ``c``, ``rescale`` as CAGrad; ``num_sampled``: |S| (default None: ceil(K/2); the
-    paper sampled 4 of 10 and 8 of 50 tasks); ``seed``: private generator (saved by
-    ``state_dict``) or None for PyTorch's global RNG.
+    Options: ``c``, ``rescale``, ``degenerate`` as CAGrad; ``num_sampled``: |S| (default None:
+    ceil(K/2); the paper sampled 4 of 10 and 8 of 50 tasks); ``seed``: private generator (saved
+    by ``state_dict``) or None for PyTorch's global RNG.
 
-    Diagnostics: ``dual_weights``, ``stationary`` (as CAGrad), ``sampled`` (the tasks whose
-    gradients enter individually).
+    Diagnostics: ``dual_weights``, ``stationary``, ``fallback`` (as CAGrad), ``sampled`` (the
+    tasks whose gradients enter individually; not the left-out task when only one is left out,
+    although its row of A is then a unit vector too).
     """
 
     name = "cagrad_fast"
@@ -55,26 +57,35 @@ class CAGradFast(SeededRandomness, Method):
     paper = "Liu et al., Conflict-Averse Gradient Descent for Multi-task Learning, NeurIPS 2021"
     family = "multi-objective"
 
+    OPTIONS = (
+        Option("c", "float", 0.5, "radius of the ball around the mean gradient, relative to "
+               "its norm (Eq. 3)", low=0.0),
+        Option("rescale", "int", 1, "0: the update D; 1: D / (1 + c^2), the official default; "
+               "2: D / (1 + c)", choices=(0, 1, 2)),
+        Option("num_sampled", "int", None, "|S|, the tasks sampled individually each step "
+               "(none: half of them, rounded up)", low=1, nullable=True),
+        Option("seed", "int", None, "a private random generator seeded with it (saved in the "
+               "state); none: PyTorch's global RNG", nullable=True),
+        Option("degenerate", "str", "definition", "when the hull of the gradients contains 0: "
+               "the optimum of Eq. 4 (definition) or the mean gradient (official code)",
+               choices=DEGENERATE),
+    )
+
     def __init__(
         self, c: float = 0.5, rescale: int = 1, num_sampled: int | None = None,
-        seed: int | None = None,
+        seed: int | None = None, degenerate: str = "definition",
     ) -> None:
-        self.c = bounded_option(self.name, "c", c, 0.0)
-        self.rescale = choice_option(self.name, "rescale", rescale, (0, 1, 2))
-        if num_sampled is not None:
-            bounded_option(self.name, "num_sampled", num_sampled, 1)
-            num_sampled = int(num_sampled)
-        self.num_sampled = num_sampled
-        self._init_generator(seed)
+        self._set_options(c=c, rescale=rescale, num_sampled=num_sampled, seed=seed,
+                          degenerate=degenerate)
+        self._init_generator(self.seed)
 
-    def options(self) -> dict[str, object]:
-        return {"c": self.c, "rescale": self.rescale, "num_sampled": self.num_sampled,
-                "seed": self.seed}
+    def sample_size(self, num_tasks: int) -> int:
+        """|S|: ``num_sampled`` (default ceil(K / 2)), at most K."""
+        size = self.num_sampled if self.num_sampled is not None else math.ceil(num_tasks / 2)
+        return min(size, num_tasks)
 
     def gradient_combinations(self, num_tasks: int) -> np.ndarray:
-        size = self.num_sampled if self.num_sampled is not None else math.ceil(num_tasks / 2)
-        size = min(size, num_tasks)
-        sampled = self._randperm(num_tasks)[:size]
+        sampled = self._randperm(num_tasks)[:self.sample_size(num_tasks)]
         return subsampling_matrix(num_tasks, sampled)
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
@@ -88,6 +99,11 @@ class CAGradFast(SeededRandomness, Method):
         anchor, *_ = np.linalg.lstsq(A.T, np.full(K, 1.0 / K), rcond=None)
         if not np.allclose(A.T @ anchor, 1.0 / K, atol=1e-12):
             raise ShapeError("the combinations given to cagrad_fast do not span the mean gradient")
-        weights, diagnostics = cagrad_weights(M, anchor, self.c, self.rescale)
-        diagnostics["sampled"] = np.flatnonzero((A == 1.0).sum(axis=0))
+        weights, diagnostics = cagrad_weights(M, anchor, self.c, self.rescale, self.degenerate)
+        # The sampled rows come first; the last row is the mean of the others when any remain,
+        # itself a unit vector when exactly one task is left out, so it is not counted.
+        size = self.sample_size(K)
+        rows = A[:size] if A.shape[0] > size else A
+        unit = (rows == 1.0).sum(axis=1) == 1
+        diagnostics["sampled"] = np.sort(np.argmax(rows[unit], axis=1))
         return A.T @ weights, diagnostics

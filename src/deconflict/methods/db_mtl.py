@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
-from .base import Diagnostics, Method, bounded_option
+from .base import Diagnostics, Method
+from .options import Option
 from .registry import register
 
 
@@ -45,10 +46,15 @@ class DBMTL(Method):
     def scales_task_gradients(self) -> bool:
         return False  # the update is built from modified gradients, not reported per task
 
+    OPTIONS = (
+        Option("beta", "float", 0.9, "moving-average factor beta of the log-loss gradients",
+               low=0.0, high=1.0),
+        Option("sigma", "float", 0.0, "decay of the factor: beta_k = beta / k^sigma", low=0.0),
+        Option("eps", "float", 1e-8, "eps in log(L_i + eps)", low=0.0),
+    )
+
     def __init__(self, beta: float = 0.9, sigma: float = 0.0, eps: float = 1e-8) -> None:
-        self.beta = bounded_option(self.name, "beta", beta, 0.0, 1.0)
-        self.sigma = bounded_option(self.name, "sigma", sigma, 0.0)
-        self.eps = bounded_option(self.name, "eps", eps, 0.0)
+        self._set_options(beta=beta, sigma=sigma, eps=eps)
         self.reset()
 
     @property
@@ -58,9 +64,6 @@ class DBMTL(Method):
     @property
     def needs_losses(self) -> bool:
         return True
-
-    def options(self) -> dict[str, object]:
-        return {"beta": self.beta, "sigma": self.sigma, "eps": self.eps}
 
     def reset(self) -> None:
         self.averages: list[Tensor] | None = None

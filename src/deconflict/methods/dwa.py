@@ -22,9 +22,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import InvalidOptionError, ShapeError
+from ..errors import ShapeError
 from ..linalg import to_numpy
-from .base import Context, Diagnostics, LossWeighting, bounded_option, choice_option
+from .base import Context, Diagnostics, LossWeighting
+from .options import Option
 from .registry import register
 
 _TINY = 1e-12
@@ -50,30 +51,26 @@ class DWA(LossWeighting):
     paper = "Liu, Johns & Davison, End-to-End Multi-Task Learning with Attention, CVPR 2019"
     stateful = True
 
+    OPTIONS = (
+        Option("tau", "float", 2.0, "temperature of the softmax over the loss ratios",
+               low=0.0, low_open=True),
+        Option("mode", "str", "epoch", "average the losses per epoch (paper) or over windows "
+               "of steps (nash-mtl)", choices=("epoch", "window")),
+        Option("steps_per_epoch", "int", None, "mode epoch: steps per epoch (none: the "
+               "training loop calls end_epoch())", low=1, nullable=True),
+        Option("window", "int", 25, "mode window: steps per window", low=1),
+    )
+
     def __init__(
         self, tau: float = 2.0, mode: Literal["epoch", "window"] = "epoch",
         steps_per_epoch: int | None = None, window: int = 25,
     ) -> None:
-        self.tau = bounded_option(self.name, "tau", tau, 0.0)
-        if self.tau == 0.0:
-            raise InvalidOptionError(f"{self.name}: tau must be positive")
-        self.mode = choice_option(self.name, "mode", mode, ("epoch", "window"))
-        for option, value in (("steps_per_epoch", steps_per_epoch), ("window", window)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise InvalidOptionError(f"{self.name}: {option} must be an int >= 1, got "
-                                         f"{value!r}")
-        self.steps_per_epoch = steps_per_epoch
-        self.window = window
+        self._set_options(tau=tau, mode=mode, steps_per_epoch=steps_per_epoch, window=window)
         self.reset()
 
     @property
     def needs_losses(self) -> bool:
         return True
-
-    def options(self) -> dict[str, object]:
-        return {"tau": self.tau, "mode": self.mode, "steps_per_epoch": self.steps_per_epoch,
-                "window": self.window}
 
     def reset(self) -> None:
         self.epoch_sum: np.ndarray | None = None

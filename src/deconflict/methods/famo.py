@@ -33,7 +33,8 @@ import numpy as np
 from ..errors import InvalidOptionError, ShapeError
 from ..linalg import to_numpy
 from ._task_parameters import TaskParameters
-from .base import Context, Diagnostics, LossWeighting, bounded_option, finite_option
+from .base import Context, Diagnostics, LossWeighting
+from .options import Option
 from .registry import register
 
 _EPS = 1e-8
@@ -57,26 +58,24 @@ class FAMO(LossWeighting):
     stateful = True
     needs_losses_after_step = True
 
+    OPTIONS = (
+        Option("w_lr", "float", 0.025, "learning rate of the task logits", low=0.0),
+        Option("gamma", "float", 1e-3, "weight decay of the task logits", low=0.0),
+        Option("min_losses", "float", 0.0, "the lowest loss values L* (one for all tasks or "
+               "one per task)", shape="scalar_or_list"),
+    )
+
     def __init__(
         self, w_lr: float = 0.025, gamma: float = 1e-3,
         min_losses: float | Sequence[float] = 0.0,
     ) -> None:
-        self.w_lr = bounded_option(self.name, "w_lr", w_lr, 0.0)
-        self.gamma = bounded_option(self.name, "gamma", gamma, 0.0)
-        if isinstance(min_losses, (int, float)):
-            self.min_losses: float | tuple[float, ...] = finite_option(self.name, "min_losses",
-                                                                       min_losses)
-        else:
-            self.min_losses = tuple(finite_option(self.name, f"min_losses[{k}]", v)
-                                    for k, v in enumerate(min_losses))
+        self.min_losses: float | tuple[float, ...]
+        self._set_options(w_lr=w_lr, gamma=gamma, min_losses=min_losses)
         self.reset()
 
     @property
     def needs_losses(self) -> bool:
         return True
-
-    def options(self) -> dict[str, object]:
-        return {"w_lr": self.w_lr, "gamma": self.gamma, "min_losses": self.min_losses}
 
     def reset(self) -> None:
         self.logits: TaskParameters | None = None

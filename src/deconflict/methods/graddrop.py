@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
-from .base import Diagnostics, Method, SeededRandomness, bounded_option
+from .base import Diagnostics, Method, SeededRandomness
+from .options import Option
 from .registry import register
 
 
@@ -51,26 +52,27 @@ class GradDrop(SeededRandomness, Method):
              "Dropout, NeurIPS 2020")
     family = "projection"
 
+    OPTIONS = (
+        Option("leak", "float", 0.0, "the fraction of each task's gradient always kept (one "
+               "for all tasks or one per task)", low=0.0, high=1.0, shape="scalar_or_list"),
+        Option("eps", "float", 0.0, "eps in the sign purity's denominator", low=0.0),
+        Option("sign_correction", "bool", True, "multiply the inputs by sign(Z) (paper); false "
+               "drops that factor"),
+        Option("seed", "int", None, "a private random generator seeded with it (saved in the "
+               "state); none: PyTorch's global RNG", nullable=True),
+    )
+
     def __init__(
         self, leak: float | Sequence[float] = 0.0, eps: float = 0.0, sign_correction: bool = True,
         seed: int | None = None,
     ) -> None:
-        if isinstance(leak, (int, float)):
-            self.leak: float | tuple[float, ...] = bounded_option(self.name, "leak", leak, 0.0, 1.0)
-        else:
-            self.leak = tuple(bounded_option(self.name, f"leak[{k}]", v, 0.0, 1.0)
-                              for k, v in enumerate(leak))
-        self.eps = bounded_option(self.name, "eps", eps, 0.0)
-        self.sign_correction = bool(sign_correction)
-        self._init_generator(seed)
+        self.leak: float | tuple[float, ...]
+        self._set_options(leak=leak, eps=eps, sign_correction=sign_correction, seed=seed)
+        self._init_generator(self.seed)
 
     @property
     def kind(self) -> str:
         return "jacobian"
-
-    def options(self) -> dict[str, object]:
-        return {"leak": self.leak, "eps": self.eps, "sign_correction": self.sign_correction,
-                "seed": self.seed}
 
     def _leaks(self, T: int, like: Tensor) -> Tensor:
         if isinstance(self.leak, tuple):

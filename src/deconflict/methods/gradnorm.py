@@ -29,7 +29,8 @@ import numpy as np
 from ..errors import ShapeError
 from ..linalg import to_numpy
 from ._task_parameters import TaskParameters
-from .base import Context, Diagnostics, LossWeighting, bounded_option, choice_option
+from .base import Context, Diagnostics, LossWeighting
+from .options import Option
 from .registry import register
 
 _FLOOR = 1e-6
@@ -48,13 +49,19 @@ class GradNorm(LossWeighting):
              "Multitask Networks, ICML 2018")
     stateful = True
 
+    OPTIONS = (
+        Option("alpha", "float", 1.5, "strength of the pull toward equal training rates",
+               low=0.0),
+        Option("lr", "float", 0.025, "Adam learning rate of the weights", low=0.0),
+        Option("norms_on", "str", "last_layer", "the gradient norms of the last shared layer "
+               "(paper) or of all shared parameters", choices=("last_layer", "shared")),
+    )
+
     def __init__(
         self, alpha: float = 1.5, lr: float = 0.025,
         norms_on: Literal["last_layer", "shared"] = "last_layer",
     ) -> None:
-        self.alpha = bounded_option(self.name, "alpha", alpha, 0.0)
-        self.lr = bounded_option(self.name, "lr", lr, 0.0)
-        self.norms_on = choice_option(self.name, "norms_on", norms_on, ("last_layer", "shared"))
+        self._set_options(alpha=alpha, lr=lr, norms_on=norms_on)
         self.reset()
 
     @property
@@ -64,9 +71,6 @@ class GradNorm(LossWeighting):
     @property
     def needs_losses(self) -> bool:
         return True
-
-    def options(self) -> dict[str, object]:
-        return {"alpha": self.alpha, "lr": self.lr, "norms_on": self.norms_on}
 
     def reset(self) -> None:
         self.weights_: TaskParameters | None = None

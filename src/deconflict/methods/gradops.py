@@ -50,7 +50,9 @@ import numpy as np
 from scipy.linalg import lapack
 
 from ..linalg import cosine_matrix, pivoted_cholesky_solve, task_norms
-from .base import Context, Diagnostics, Method, bounded_option, choice_option, finite_option
+from ._zero_update import note_zero_update
+from .base import Context, Diagnostics, Method
+from .options import Option
 from .registry import register
 
 # Pivoted-Cholesky cutoff on K_{-i} (sin^2 of a vector's angle to the span of those picked):
@@ -245,7 +247,11 @@ class GradOPS(Method):
 
     Diagnostics: ``conflicting``, ``projected``, ``dependent``, ``active`` (bool per task),
     ``R``, ``r``, ``w`` (Eq. 3-5), ``projected_sq_norms`` (||g'_i||^2),
-    ``projection_coefficients`` (row i: g'_i = J^T row), ``retried`` (post-check fired).
+    ``projection_coefficients`` (row i: g'_i = J^T row), ``retried`` (post-check fired),
+    ``zero_update``: None, or why the update is zero: "stationary" (J is strongly
+    Pareto-stationary), "dependent" (every conflicting task is dependent: with more tasks than
+    the rank of J, Eq. 1-2 leave nothing) or "cancelled"; the last two also issue a
+    ``ZeroUpdateWarning`` once per instance.
     """
 
     name = "gradops"
@@ -254,20 +260,33 @@ class GradOPS(Method):
              "Multi-task Learning, WSDM 2025")
     family = "projection"
 
+    OPTIONS = (
+        Option("alpha", "float", 0.0, "trade-off exponent of the weights (r_i)^alpha: negative "
+               "favours conflicting tasks, 0 is the projected sum"),
+        Option("gating", "str", "per_task", "project only the tasks that conflict with another "
+               "(Algorithm 1) or all of them once any pair conflicts",
+               choices=("per_task", "all")),
+        Option("dependence_tol", "float", 1e-6, "a gradient within sqrt(dependence_tol) radians "
+               "of the others' span counts as dependent", low=0.0, high=1.0, high_open=True),
+    )
+
     def __init__(
         self,
         alpha: float = 0.0,
         gating: Literal["per_task", "all"] = "per_task",
         dependence_tol: float = 1e-6,
     ) -> None:
-        self.alpha = finite_option(self.name, "alpha", alpha)
-        self.gating = choice_option(self.name, "gating", gating, ("per_task", "all"))
-        self.dependence_tol = bounded_option(self.name, "dependence_tol", dependence_tol, 0.0, 1.0,
-                                             include_high=False)
-
-    def options(self) -> dict[str, object]:
-        return {"alpha": self.alpha, "gating": self.gating, "dependence_tol": self.dependence_tol}
+        self._set_options(alpha=alpha, gating=gating, dependence_tol=dependence_tol)
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         assert M is not None
-        return gradops_weights(M, self.alpha, self.gating, self.dependence_tol)
+        c, diagnostics = gradops_weights(M, self.alpha, self.gating, self.dependence_tol)
+        if diagnostics["active"].any():
+            note_zero_update(self, M, c, diagnostics, "cancelled",
+                             "the weighted projected gradients cancel")
+        else:
+            note_zero_update(self, M, c, diagnostics, "dependent",
+                             "every conflicting task gradient lies in the span of the others "
+                             "(as when there are more tasks than the rank of J), so each "
+                             "projection g'_i is zero and nothing is left to sum")
+        return c, diagnostics

@@ -39,9 +39,8 @@ from .base import (
     Diagnostics,
     Method,
     SeededRandomness,
-    bounded_option,
-    choice_option,
 )
+from .options import Option
 from .registry import register
 
 
@@ -96,24 +95,29 @@ class GradVac(SeededRandomness, Method):
     family = "projection"
     stateful = True
 
+    OPTIONS = (
+        Option("beta", "float", 0.5, "moving-average factor of the target cosines", low=0.0,
+               high=1.0),
+        Option("granularity", "str", "whole", "one target per task pair for all shared "
+               "parameters, per layer or per parameter tensor",
+               choices=("whole", "layer", "parameter")),
+        Option("ema", "str", "every_pair", "move every pair's target each step (LibMTL) or only "
+               "when a correction is applied", choices=("every_pair", "on_correction")),
+        Option("seed", "int", None, "a private random generator seeded with it (saved in the "
+               "state); none: PyTorch's global RNG", nullable=True),
+    )
+
     def __init__(
         self, beta: float = 0.5, granularity: Literal["whole", "layer", "parameter"] = "whole",
         ema: Literal["every_pair", "on_correction"] = "every_pair", seed: int | None = None,
     ) -> None:
-        self.beta = bounded_option(self.name, "beta", beta, 0.0, 1.0)
-        self.granularity = choice_option(self.name, "granularity", granularity,
-                                         ("whole", "layer", "parameter"))
-        self.ema = choice_option(self.name, "ema", ema, ("every_pair", "on_correction"))
-        self._init_generator(seed)
+        self._set_options(beta=beta, granularity=granularity, ema=ema, seed=seed)
+        self._init_generator(self.seed)
         self.targets: np.ndarray | None = None  # (groups, T, T)
 
     @property
     def kind(self) -> str:
         return "gramian" if self.granularity == "whole" else "block_gramians"
-
-    def options(self) -> dict[str, object]:
-        return {"beta": self.beta, "granularity": self.granularity, "ema": self.ema,
-                "seed": self.seed}
 
     def group_blocks(self, groups: Sequence[str]) -> list[int]:
         if self.granularity == "parameter":

@@ -27,7 +27,9 @@ from typing import Literal
 import numpy as np
 
 from ..linalg import cosine_matrix, pivoted_cholesky_solve, task_norms
-from .base import Context, Diagnostics, Method, choice_option
+from ._zero_update import note_zero_update
+from .base import Context, Diagnostics, Method
+from .options import Option
 from .registry import register
 
 # Pivoted-Cholesky cutoff (sin^2 of an unpicked gradient's angle to the picked ones).
@@ -77,7 +79,10 @@ class IMTLG(Method):
 
     Options: ``sign_guard`` in {"flip", "mean", "off"} (default "flip").
     Diagnostics: ``feasible``, ``sign_flipped``, ``fallback_to_mean``, ``sum_of_raw_weights``
-    (1^T a).
+    (1^T a), ``zero_update``: None, or why the update is zero: "stationary" (J is strongly
+    Pareto-stationary), "infeasible" (no equal-projection direction; every weakly but not
+    strongly stationary J is one, and so is almost every J with more tasks than its rank) or
+    "cancelled"; the last two also issue a ``ZeroUpdateWarning`` once per instance.
     """
 
     name = "imtl_g"
@@ -85,13 +90,24 @@ class IMTLG(Method):
     paper = "Liu et al., Towards Impartial Multi-task Learning, ICLR 2021"
     family = "multi-objective"
 
-    def __init__(self, sign_guard: Literal["flip", "mean", "off"] = "flip") -> None:
-        self.sign_guard = choice_option(self.name, "sign_guard", sign_guard,
-                                        ("flip", "mean", "off"))
+    OPTIONS = (
+        Option("sign_guard", "str", "flip", "what to do when the closed form gives a weight of "
+               "the wrong sign", choices=("flip", "mean", "off")),
+    )
 
-    def options(self) -> dict[str, object]:
-        return {"sign_guard": self.sign_guard}
+    def __init__(self, sign_guard: Literal["flip", "mean", "off"] = "flip") -> None:
+        self._set_options(sign_guard=sign_guard)
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         assert M is not None
-        return imtl_g_weights(M, self.sign_guard)
+        alpha, diagnostics = imtl_g_weights(M, self.sign_guard)
+        if diagnostics["feasible"]:
+            note_zero_update(self, M, alpha, diagnostics, "cancelled",
+                             "the sum 1^T a of the raw weights is zero and sign_guard='off' "
+                             "cannot normalize it")
+        else:
+            note_zero_update(self, M, alpha, diagnostics, "infeasible",
+                             "no direction has equal projections on every unit gradient (1 is "
+                             "not in the range of the cosine matrix, as when there are more "
+                             "tasks than the rank of J)")
+        return alpha, diagnostics

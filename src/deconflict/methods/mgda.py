@@ -18,6 +18,16 @@ Which gradients the weights apply to (``update_from``):
   can then conflict.
 
 With the default normalizer "none" both coincide.
+
+Scale: the solver works on the cosine matrix and the norms (``solvers.min_norm_solution``), so
+the point stays exact, and non-conflicting, for gradient norms spanning 1e12 (on M / max M_ii
+with absolute tolerances, rows of norms 1.8e6, 2e-3 and 2e-5 gave the vertex g_3, with
+cos(D, g_2) = -0.30; the min-norm point is 0.0031 g_2 + 0.9969 g_3). If rounding ever stalls the
+active set before the KKT conditions hold on Mt (diagnostic ``converged`` False; 0 and at most 1
+of 3,000 fuzzed spans up to 1e12 with 2 to 10 tasks in two runs, never conflicting) and the
+point conflicts with a task, the
+update falls back to the point's projection onto the dual cone {x : J x >= 0}
+(``dual_cone_weights``), which cannot conflict, and ``fallback`` is True.
 """
 
 from __future__ import annotations
@@ -28,8 +38,9 @@ import numpy as np
 
 from ..errors import InvalidOptionError
 from ..linalg import task_norms
-from ..solvers import min_norm_point
-from .base import Context, Diagnostics, Method, choice_option
+from ..solvers import conflicts, dual_cone_weights, min_norm_solution
+from .base import Context, Diagnostics, Method
+from .options import Option
 from .registry import register
 
 NORMALIZERS = ("none", "l2", "loss", "loss+")
@@ -64,7 +75,9 @@ class MGDA(Method):
     ``update_from`` in {"normalized", "raw"} (default "normalized").
 
     Diagnostics: ``alpha`` (the simplex weights), ``normalizers`` (nu), ``min_norm_sq``
-    (alpha^T Mt alpha).
+    (alpha^T Mt alpha), ``converged`` (alpha passed the KKT test on Mt, see
+    ``solvers.min_norm_solution``), ``fallback`` (it did not and conflicted with a task: the
+    update is alpha's projection onto the dual cone instead, see the module docstring).
     """
 
     name = "mgda"
@@ -72,26 +85,35 @@ class MGDA(Method):
     paper = "Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018"
     family = "multi-objective"
 
+    OPTIONS = (
+        Option("normalizer", "str", "none", "divide g_i by nu_i: 1, ||g_i||, L_i or "
+               "L_i ||g_i||", choices=NORMALIZERS),
+        Option("update_from", "str", "normalized", "the update from the normalized gradients "
+               "(the min-norm point) or from the raw ones", choices=("normalized", "raw")),
+    )
+
     def __init__(
         self,
         normalizer: Literal["none", "l2", "loss", "loss+"] = "none",
         update_from: Literal["normalized", "raw"] = "normalized",
     ) -> None:
-        self.normalizer = choice_option(self.name, "normalizer", normalizer, NORMALIZERS)
-        self.update_from = choice_option(self.name, "update_from", update_from,
-                                         ("normalized", "raw"))
+        self._set_options(normalizer=normalizer, update_from=update_from)
 
     @property
     def needs_losses(self) -> bool:
         return self.normalizer in ("loss", "loss+")
 
-    def options(self) -> dict[str, object]:
-        return {"normalizer": self.normalizer, "update_from": self.update_from}
-
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         assert M is not None
         nu = gradient_normalizers(M, context.losses, self.normalizer)
         Mt = M / np.outer(nu, nu)
-        alpha = min_norm_point(Mt)
-        c = alpha / nu if self.update_from == "normalized" else alpha
-        return c, {"alpha": alpha, "normalizers": nu, "min_norm_sq": float(alpha @ Mt @ alpha)}
+        alpha, converged = min_norm_solution(Mt)
+        weights = alpha
+        if not converged and np.any(conflicts(Mt, alpha)):
+            # The solver stalled short of the KKT test: keep the promise of no conflict with
+            # the nearest direction that keeps it (a no-op when alpha does not conflict).
+            weights = dual_cone_weights(Mt, alpha[None, :])[0]
+        fallback = weights is not alpha
+        c = weights / nu if self.update_from == "normalized" else weights
+        return c, {"alpha": alpha, "normalizers": nu, "min_norm_sq": float(alpha @ Mt @ alpha),
+                   "converged": converged, "fallback": fallback}

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Literal
 
 from .mgda import MGDA
+from .options import with_defaults
 from .registry import register
 
 
@@ -26,6 +27,8 @@ class MGDAUB(MGDA):
     name = "mgda_ub"
     summary = "MGDA on the shared representation's gradients, one encoder backward pass"
     needs_features = True
+
+    OPTIONS = with_defaults(MGDA.OPTIONS, normalizer="loss+")
 
     def __init__(
         self,

@@ -17,9 +17,25 @@ convex problems in cvxpy/ECOS) is approximate and sometimes stops far from a sol
 parity tests: 5 of 60 random problems with residual ~1). This one converges to
 |alpha_i (M alpha)_i - 1| <= 1e-12 (relative to its rounding error when alpha is large).
 
-Edge cases: tasks with a zero gradient get alpha_i = 0; when the hull of the gradients contains
-0 (Pareto-stationary) alpha diverges along a null vector of M: Newton stops after 100 steps and
-the diagnostic ``converged`` is False (the update J^T alpha stays bounded).
+Edge cases: tasks with a zero gradient get alpha_i = 0. When the hull of the gradients contains
+0 (Pareto-stationary) no solution exists: alpha diverges along a null vector of M, Newton stops
+after 100 steps, and the diagnostic ``converged`` is False. The last iterate J^T alpha is
+bounded, but its weights are huge and cancel (alpha ~ 1e8 for D ~ 1: in float32 the update
+would be rounding noise) and it can conflict with a task (on fuzzed rank-deficient and wide
+Jacobians: a third of them). Fallback (documented deviation; the reference returns its last
+iterate), diagnostic ``fallback`` True:
+
+1. S = the tasks in some vanishing non-negative combination of the gradients
+   (``solvers.stationary_support``, diagnostic ``stationary_tasks``). No non-conflicting
+   direction can improve them (every such D has g_s . D = 0), so the bargaining is among the
+   others, on their gradients projected off span(g_S) (``solvers.restricted_nash_weights``):
+   g_r . D = 1 / alpha_r > 0 for r outside S, g_s . D = 0 on S, and small weights. This is the
+   limit the Newton iterates approach. At a strongly stationary J (S = all tasks) D = 0.
+2. If that fails (rounding makes S uncertain), D = the projection of the iterate J^T alpha onto
+   the dual cone {x : J x >= 0} (``dual_cone_weights``), the closest non-conflicting direction.
+
+The second repair also applies when ``update_weights_every`` > 1 reuses weights that conflict
+with the new gradients. A converged solution never needs one: J D = 1/alpha > 0.
 """
 
 from __future__ import annotations
@@ -30,10 +46,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InvalidOptionError, ShapeError
+from ..errors import ShapeError
 from ..linalg import to_numpy
-from ..solvers import nash_bargaining_weights
-from .base import Context, Diagnostics, Method, bounded_option
+from ..solvers import (
+    conflicts,
+    dual_cone_weights,
+    nash_bargaining_weights,
+    restricted_nash_weights,
+    stationary_support,
+)
+from .base import Context, Diagnostics, Method
+from .options import Option
 from .registry import register
 
 
@@ -41,8 +64,10 @@ from .registry import register
 class NashMTL(Method):
     """Nash-MTL (ICML 2022) with an exact Newton solver; see the module docstring.
 
-    Diagnostics: ``alpha`` (before clipping), ``converged``, ``recomputed`` (False when alpha
-    was reused), ``clip_scale`` (the factor applied for max_norm).
+    Diagnostics: ``alpha`` (the solver's iterate, before any repair or clipping),
+    ``converged``, ``fallback`` (the update is one of the module docstring's repairs),
+    ``stationary_tasks`` (the mask S of that repair; all False otherwise), ``recomputed``
+    (False when alpha was reused), ``clip_scale`` (the factor applied for max_norm).
     """
 
     name = "nash_mtl"
@@ -51,19 +76,16 @@ class NashMTL(Method):
     family = "multi-objective"
     stateful = True
 
-    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1) -> None:
-        self.max_norm = bounded_option(self.name, "max_norm", max_norm, 0.0)
-        if isinstance(update_weights_every, bool) or not isinstance(update_weights_every, int) \
-                or update_weights_every < 1:
-            raise InvalidOptionError(
-                f"{self.name}: update_weights_every must be an int >= 1, got "
-                f"{update_weights_every!r}"
-            )
-        self.update_weights_every = update_weights_every
-        self.reset()
+    OPTIONS = (
+        Option("max_norm", "float", 1.0, "scale alpha down so that ||J^T alpha|| <= max_norm "
+               "(0 disables it)", low=0.0),
+        Option("update_weights_every", "int", 1, "solve for alpha every that many steps, "
+               "reusing it in between", low=1),
+    )
 
-    def options(self) -> dict[str, object]:
-        return {"max_norm": self.max_norm, "update_weights_every": self.update_weights_every}
+    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1) -> None:
+        self._set_options(max_norm=max_norm, update_weights_every=update_weights_every)
+        self.reset()
 
     def reset(self) -> None:
         self.alpha: np.ndarray | None = None
@@ -78,16 +100,32 @@ class NashMTL(Method):
         recompute = self.step % self.update_weights_every == 0 or self.alpha is None
         converged = True
         if recompute:
-            self.alpha, converged = nash_bargaining_weights(M, self.alpha)
+            solved, converged = nash_bargaining_weights(M, self.alpha)
+        else:
+            solved = self.alpha
+        assert solved is not None
+        weights, stationary = solved, np.zeros(T, dtype=bool)
+        if not converged:
+            # No solution: 0 is in the hull. Bargain among the tasks that can still improve.
+            stationary = stationary_support(M)
+            restricted = restricted_nash_weights(M, stationary) if stationary.any() else None
+            if restricted is not None and not np.any(conflicts(M, restricted)):
+                weights = restricted
+        fallback = weights is not solved
+        if weights is solved and (not converged or np.any(conflicts(M, solved))):
+            # The iterate (or reused weights on new gradients) can conflict; its projection
+            # onto the dual cone cannot, and is the iterate itself when it does not conflict.
+            weights, fallback = dual_cone_weights(M, solved[None, :])[0], True
+        self.alpha = weights
         self.step += 1
-        alpha = self.alpha
         scale = 1.0
         if self.max_norm > 0:
-            norm = math.sqrt(max(float(alpha @ M @ alpha), 0.0))
+            norm = math.sqrt(max(float(weights @ M @ weights), 0.0))
             if norm > self.max_norm:
                 scale = self.max_norm / norm
-        return alpha * scale, {"alpha": alpha.copy(), "converged": converged,
-                               "recomputed": recompute, "clip_scale": scale}
+        return weights * scale, {"alpha": solved.copy(), "converged": converged,
+                                 "fallback": fallback, "stationary_tasks": stationary,
+                                 "recomputed": recompute, "clip_scale": scale}
 
     def state_dict(self) -> dict[str, Any]:
         alpha = None if self.alpha is None else torch.from_numpy(self.alpha.copy())

@@ -17,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..linalg import normalized
+from ._zero_update import note_zero_update
 from .base import Context, Diagnostics, Method, SeededRandomness
+from .options import Option
 from .registry import register
 
 
@@ -49,7 +51,9 @@ class PCGrad(SeededRandomness, Method):
     with it, saved by ``state_dict()``; with None (default) they come from PyTorch's global RNG,
     so ``torch.manual_seed`` makes runs reproducible. With T <= 2 no random number is drawn.
 
-    Diagnostics: ``projection_coefficients`` (row i: g^pc_i = J^T row), ``orders``.
+    Diagnostics: ``projection_coefficients`` (row i: g^pc_i = J^T row), ``orders``,
+    ``zero_update``: None, or "stationary" (zero at a strongly Pareto-stationary J) or
+    "cancelled" (the g^pc_i cancel elsewhere; a ``ZeroUpdateWarning`` once per instance).
     """
 
     name = "pcgrad"
@@ -57,11 +61,14 @@ class PCGrad(SeededRandomness, Method):
     paper = "Yu et al., Gradient Surgery for Multi-Task Learning, NeurIPS 2020"
     family = "projection"
 
-    def __init__(self, seed: int | None = None) -> None:
-        self._init_generator(seed)
+    OPTIONS = (
+        Option("seed", "int", None, "the partner orders from a private generator seeded with "
+               "it (saved in the state); none: PyTorch's global RNG", nullable=True),
+    )
 
-    def options(self) -> dict[str, object]:
-        return {"seed": self.seed}
+    def __init__(self, seed: int | None = None) -> None:
+        self._set_options(seed=seed)
+        self._init_generator(self.seed)
 
     def _orders(self, T: int) -> list[np.ndarray]:
         if T <= 2:
@@ -77,4 +84,7 @@ class PCGrad(SeededRandomness, Method):
         assert M is not None
         orders = self._orders(M.shape[0])
         c, C = pcgrad_weights(M, orders)
-        return c, {"projection_coefficients": C, "orders": np.array(orders)}
+        diagnostics: Diagnostics = {"projection_coefficients": C, "orders": np.array(orders)}
+        note_zero_update(self, M, c, diagnostics, "cancelled",
+                         "the projected gradients g^pc_i cancel in the sum")
+        return c, diagnostics

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import inspect
 import re
 from typing import Any, TypeVar
 
@@ -47,8 +46,7 @@ def method_class(name: str) -> type[Method]:
 def get(name: str, **options: Any) -> Method:
     """A new instance of the method registered under ``name``, built with ``options``."""
     cls = method_class(name)
-    parameters = inspect.signature(cls).parameters.values()
-    accepted = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    accepted = [option.name for option in cls.OPTIONS]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         listed = ", ".join(accepted) if accepted else "none"

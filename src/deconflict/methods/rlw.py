@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .base import Context, Diagnostics, LossWeighting, SeededRandomness
+from .options import Option
 from .registry import register
 
 
@@ -24,11 +25,14 @@ class RLW(SeededRandomness, LossWeighting):
     paper = ("Lin et al., Reasonable Effectiveness of Random Weighting: A Litmus Test for "
              "Multi-Task Learning, TMLR 2022")
 
-    def __init__(self, seed: int | None = None) -> None:
-        self._init_generator(seed)
+    OPTIONS = (
+        Option("seed", "int", None, "a private random generator seeded with it (saved in the "
+               "state); none: PyTorch's global RNG", nullable=True),
+    )
 
-    def options(self) -> dict[str, object]:
-        return {"seed": self.seed}
+    def __init__(self, seed: int | None = None) -> None:
+        self._set_options(seed=seed)
+        self._init_generator(self.seed)
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         draw = torch.randn(context.num_tasks, generator=self._generator, dtype=torch.float64)

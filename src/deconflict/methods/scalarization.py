@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import InvalidOptionError, ShapeError
-from .base import Context, Diagnostics, LossWeighting, finite_option
+from ..errors import ShapeError
+from .base import Context, Diagnostics, LossWeighting
+from .options import Option
 from .registry import register
 
 
@@ -25,16 +26,15 @@ class Sum(LossWeighting):
     paper = "Linear scalarization (the standard multi-task baseline)"
     family = "scalarization"
 
-    def __init__(self, weights: Sequence[float] | None = None) -> None:
-        if weights is not None:
-            weights = tuple(finite_option(self.name, f"weights[{k}]", w)
-                            for k, w in enumerate(weights))
-            if any(w < 0 for w in weights):
-                raise InvalidOptionError(f"{self.name}: weights must be non-negative")
-        self.weights_ = weights
+    # ``weights`` is the method that computes them: the option lives in ``weights_``.
+    OPTIONS = (
+        Option("weights", "float", None, "fixed non-negative loss weights, one per task (none: "
+               "all 1)", low=0.0, nullable=True, shape="list", attribute="weights_"),
+    )
 
-    def options(self) -> dict[str, object]:
-        return {} if self.weights_ is None else {"weights": self.weights_}
+    def __init__(self, weights: Sequence[float] | None = None) -> None:
+        self.weights_: tuple[float, ...] | None
+        self._set_options(weights=weights)
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         if self.weights_ is None:

@@ -42,10 +42,11 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-from ..errors import InvalidOptionError, ShapeError
+from ..errors import ShapeError
 from ..linalg import cosine_matrix, task_norms, to_numpy
 from ..solvers import min_norm_point
-from .base import Context, Diagnostics, Method, bounded_option, choice_option
+from .base import Context, Diagnostics, Method
+from .options import Option
 from .registry import register
 
 
@@ -178,6 +179,22 @@ class Tensioner(Method):
     family = "multi-objective"
     stateful = True
 
+    OPTIONS = (
+        Option("alpha", "float", 0.3, "sensitivity of the tension factors (Eq. 7)", low=0.0,
+               high=1.0),
+        Option("window", "int", 10, "W, the steps of the gradient-norm window statistic",
+               low=1),
+        Option("base", "str", "central", "the base direction: min-norm point of the unit "
+               "gradients (central) or of the gradients (MGDA)", choices=("central", "min_norm")),
+        Option("constraint", "str", "feasible", "keep the pulled update non-conflicting by a "
+               "feasible step, or the authors' sequential correction",
+               choices=("feasible", "reference")),
+        Option("min_loss", "float", 1e-12, "losses are floored there so their logarithm exists",
+               low=0.0, low_open=True),
+        Option("tension", "bool", True, "apply the tension factors (false: the base direction "
+               "alone)"),
+    )
+
     def __init__(
         self,
         alpha: float = 0.3,
@@ -187,26 +204,13 @@ class Tensioner(Method):
         min_loss: float = 1e-12,
         tension: bool = True,
     ) -> None:
-        self.alpha = bounded_option(self.name, "alpha", alpha, 0.0, 1.0)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise InvalidOptionError(f"{self.name}: window must be an int >= 1, got {window!r}")
-        self.window = window
-        self.base = choice_option(self.name, "base", base, ("central", "min_norm"))
-        self.constraint = choice_option(self.name, "constraint", constraint,
-                                        ("feasible", "reference"))
-        self.min_loss = bounded_option(self.name, "min_loss", min_loss, 0.0)
-        if self.min_loss == 0.0:
-            raise InvalidOptionError(f"{self.name}: min_loss must be positive")
-        self.tension = bool(tension)
+        self._set_options(alpha=alpha, window=window, base=base, constraint=constraint,
+                          min_loss=min_loss, tension=tension)
         self.state: TensionerState | None = None
 
     @property
     def needs_losses(self) -> bool:
         return True
-
-    def options(self) -> dict[str, object]:
-        return {"alpha": self.alpha, "window": self.window, "base": self.base,
-                "constraint": self.constraint, "min_loss": self.min_loss, "tension": self.tension}
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         assert M is not None

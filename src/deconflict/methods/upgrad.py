@@ -8,7 +8,10 @@ c = sum_i v*(p_i e_i). Each v* is a non-negative least squares problem solved ex
 (``solvers.dual_cone_weights``); no quadprog needed.
 
 Property: J D = M c >= 0, every task improves to first order (KKT of each projection:
-M v* >= 0). D = 0 only if every projection is 0.
+M v* >= 0). D = 0 only if every projection is 0, i.e. exactly where J is strongly stationary
+(a strictly positive combination of the gradients vanishes: then {x : J x >= 0} is the null
+space of J). At a weakly but not strongly stationary J some task can still improve and D != 0;
+``dual_cone_weights`` keeps the multipliers bounded there (tests/test_stationarity.py).
 
 Deviation (documented): TorchJD regularizes with M / tr(M) + 1e-4 I, which leaves conflicts of
 order 1e-4 relative; here ``reg_eps`` defaults to 0 and the exact problem is solved, since the
@@ -25,7 +28,8 @@ import numpy as np
 from ..errors import ShapeError
 from ..linalg import to_numpy
 from ..solvers import dual_cone_weights
-from .base import Context, Diagnostics, Method, bounded_option
+from .base import Context, Diagnostics, Method
+from .options import Option
 from .registry import register
 
 
@@ -37,16 +41,6 @@ def preference_weights(method: str, pref_vector: Sequence[float] | None, T: int)
     if pref.shape != (T,):
         raise ShapeError(f"{method}: pref_vector has {pref.size} entries for {T} tasks")
     return pref
-
-
-def check_preference(method: str, pref_vector: Sequence[float] | None) -> tuple | None:
-    """A non-negative, finite preference vector as a tuple (None stays None)."""
-    if pref_vector is None:
-        return None
-    pref = to_numpy(pref_vector).reshape(-1)
-    for k, value in enumerate(pref):
-        bounded_option(method, f"pref_vector[{k}]", value, 0.0)
-    return tuple(float(v) for v in pref)
 
 
 @register
@@ -63,12 +57,15 @@ class UPGrad(Method):
     paper = "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, 2024"
     family = "projection"
 
-    def __init__(self, pref_vector: Sequence[float] | None = None, reg_eps: float = 0.0) -> None:
-        self.pref_vector = check_preference(self.name, pref_vector)
-        self.reg_eps = bounded_option(self.name, "reg_eps", reg_eps, 0.0)
+    OPTIONS = (
+        Option("pref_vector", "float", None, "non-negative task preferences p (none: 1/T each)",
+               low=0.0, nullable=True, shape="list"),
+        Option("reg_eps", "float", 0.0, "added to the Gramian's diagonal before the "
+               "projections (TorchJD: 1e-4)", low=0.0),
+    )
 
-    def options(self) -> dict[str, object]:
-        return {"pref_vector": self.pref_vector, "reg_eps": self.reg_eps}
+    def __init__(self, pref_vector: Sequence[float] | None = None, reg_eps: float = 0.0) -> None:
+        self._set_options(pref_vector=pref_vector, reg_eps=reg_eps)
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         assert M is not None

@@ -1,19 +1,19 @@
-"""The benchmark problems, by name."""
+"""The benchmark problems, by name: every module of this package is imported, and each
+``Problem`` subclass with a ``name`` registers itself (``base.REGISTRY``), so a new problem is a
+new module and nothing else."""
 
 from __future__ import annotations
 
-from ...errors import InvalidOptionError
-from .base import Metric, MultiTaskModel, Problem, SupervisedProblem, TrainResult
-from .census import CensusIncome
-from .digits import Digits, MultiMnist
-from .nyuv2 import NYUv2
-from .toy2d import Toy2D
-from .xor_and import XorAnd
+import importlib
+import pkgutil
 
-PROBLEMS: dict[str, Problem] = {
-    problem.name: problem for problem in (Toy2D(), XorAnd(), CensusIncome(), Digits(),
-                                          MultiMnist(), NYUv2())
-}
+from ...errors import InvalidOptionError
+from .base import REGISTRY, Metric, MultiTaskModel, Problem, SupervisedProblem, TrainResult
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+PROBLEMS: dict[str, Problem] = {name: cls() for name, cls in REGISTRY.items()}
 
 
 def get_problem(name: str) -> Problem:

@@ -1,15 +1,21 @@
-"""What a benchmark problem is, and the training loop the supervised ones share.
+"""What a benchmark problem is, and the one training loop the trained-by-steps problems share.
 
-A ``Problem`` knows its tasks, its metrics (with their direction), a default configuration (that
-finishes within 10 minutes on 2 CPU cores) and a smoke configuration (seconds, for the tests),
-and trains one model with one method: ``train(method_factory, config, seed, device, tasks)``
-returns the metrics on the validation and test splits and the conflict statistics of training.
-``tasks`` restricts training to a subset of the tasks (single-task baselines).
+A ``Problem`` knows its tasks, its metrics (with their direction) and its settings, declared and
+typed (``settings.Setting``: the default finishes within 10 minutes on 2 CPU cores, the smoke
+value in seconds, for the tests), and trains one model with one method:
+``train(method_factory, config, seed, device, tasks)`` returns the metrics on the validation and
+test splits and the conflict statistics of training. ``tasks`` restricts training to a subset of
+the tasks (single-task baselines). Problems register themselves by subclassing ``Problem`` with a
+``name``; ``REGISTRY`` maps the names to the classes.
 
-Supervised problems (Census-income, digits, multi-MNIST, NYUv2) only describe their data, model,
-losses and evaluation; ``SupervisedProblem.train`` is the loop, written with the public API as a
-user would: ``deconflict.backward`` then ``optimizer.step()``, FAMO's ``after_step`` and DWA's
-``end_epoch`` when the method needs them.
+``SupervisedProblem.train`` is the one loop (Census-income, digits, multi-MNIST, NYUv2 and
+XOR/AND), written with the public API as a user would: ``deconflict.backward`` then
+``optimizer.step()``, FAMO's ``after_step`` and DWA's ``end_epoch`` when the method needs them,
+checkpoints every N steps. A problem supplies what differs through hooks and never overrides the
+loop: ``load``/``build_model`` (data and model), ``make_optimizer``, ``init_seed`` (the model's
+initial weights), ``adjust_method`` (refuse or adapt a method), ``batches`` (an epoch's
+mini-batches), ``step_losses`` (the forward pass and task losses of a batch), ``end_of_epoch``
+(e.g. a convergence test that stops training), and ``results``/``evaluate`` (the metrics).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,23 +37,56 @@ from tqdm import tqdm
 from ...diagnostics import ConflictMonitor
 from ...distributed import global_losses
 from ...engine import backward
-from ...errors import InvalidOptionError
+from ...errors import DataFormatError, InvalidOptionError
 from ...io import save_torch
 from ...methods.base import Method
 from ...recon import BranchedModule, branch
+from .settings import Setting, resolve
 
 MethodFactory = Callable[[], Method]
+
+# Every registered problem by name, in the order the modules are imported.
+REGISTRY: dict[str, type[Problem]] = {}
 
 # Settings every supervised problem accepts beside its own. At these values a run is what it
 # was before they existed, so they are left out of a configuration's identity
 # (``essential_config``) and earlier run records stay valid.
-NEUTRAL_SETTINGS: dict[str, Any] = {"branch": [], "measure_conflicts": False, "ddp": "exact"}
+NEUTRAL: tuple[Setting, ...] = (
+    Setting("branch", "strs", [], "Recon: shared layers made task-specific, re-initialized per "
+            "task (recon.branch); only the still-shared parameters go to the method"),
+    Setting("measure_conflicts", "bool", False, "compute per-task gradients even for "
+            "loss-weighting methods, so that their conflicts are measured (slower)"),
+    Setting("ddp", "str", "exact", "with several processes (--nproc): how deconflict.backward "
+            "combines the ranks' gradients", choices=("exact", "local")),
+)
+NEUTRAL_SETTINGS: dict[str, Any] = {setting.name: setting.default for setting in NEUTRAL}
 
 
 def essential_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` without the ``NEUTRAL_SETTINGS`` that are at their neutral value."""
     return {key: value for key, value in config.items()
             if not (key in NEUTRAL_SETTINGS and value == NEUTRAL_SETTINGS[key])}
+
+
+# The settings most supervised problems share, with each problem's defaults.
+def epochs_setting(default: int, smoke: int = 1) -> Setting:
+    return Setting("epochs", "int", default, "training epochs", smoke, low=1)
+
+
+def batch_size_setting(default: int, smoke: int | None = None) -> Setting:
+    return Setting("batch_size", "int", default, "training examples per step",
+                   default if smoke is None else smoke, low=1)
+
+
+def lr_setting(default: float, smoke: float | None = None) -> Setting:
+    return Setting("lr", "float", default, "learning rate", default if smoke is None else smoke,
+                   low=0.0, open_low=True)
+
+
+WEIGHT_DECAY = Setting("weight_decay", "float", 0.0, "Adam's L2 weight decay", low=0.0)
+REPRESENTATION = Setting("representation", "bool", False, "give deconflict.backward the shared "
+                         "representation (features=) instead of the shared parameters")
+DATA = Setting("data", "path", None, "data directory (else $DECONFLICT_DATA)", optional=True)
 
 
 @dataclass(frozen=True)
@@ -75,8 +114,9 @@ class Checkpointing:
     with ``resume``, continue from ``path`` if it exists.
 
     The state is the model, the optimizer, the method's state, the conflict monitor, the
-    position in the data (epoch, batch, and the shuffling generator at the epoch's start) and
-    the global RNGs (torch, NumPy, Python), so a resumed run ends exactly as an uninterrupted one.
+    position in the data (epoch, batch, and the shuffling generator at the epoch's start), the
+    problem's own state (``TrainingRun.state``, the epoch's loss sums) and the global RNGs
+    (torch, NumPy, Python), so a resumed run ends exactly as an uninterrupted one.
     """
 
     path: Path
@@ -94,11 +134,36 @@ class Checkpointing:
             f"{self.path.stem}.rank{rank}{self.path.suffix}"))
 
 
-class Problem(ABC):
-    """A benchmark problem (see the module docstring)."""
+def problem_names(condition: Callable[[type[Problem]], bool] = lambda cls: True) -> list[str]:
+    """The registered problems' names (those whose class meets ``condition``)."""
+    return [name for name, cls in REGISTRY.items() if condition(cls)]
 
-    name: str
-    description: str
+
+class Problem(ABC):
+    """A benchmark problem (see the module docstring).
+
+    Class attributes: ``name`` (registers the class), ``description``, ``schema`` (its own
+    settings), ``checkpointable`` and ``distributable`` (whether ``--checkpoint-every``/
+    ``--resume`` and ``--nproc`` apply; ``not_checkpointed``/``not_distributed`` say why not),
+    ``single_task_baseline`` (whether ``compare`` adds the single-task baseline).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    schema: ClassVar[tuple[Setting, ...]] = ()
+    checkpointable: ClassVar[bool] = False
+    distributable: ClassVar[bool] = False
+    not_checkpointed: ClassVar[str] = "is not checkpointed"
+    not_distributed: ClassVar[str] = "runs in one process"
+    single_task_baseline: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in REGISTRY and REGISTRY[cls.name].__qualname__ != cls.__qualname__:
+                raise TypeError(f"two problems are named {cls.name!r}: "
+                                f"{REGISTRY[cls.name].__qualname__} and {cls.__qualname__}")
+            REGISTRY[cls.name] = cls
 
     @abstractmethod
     def tasks(self, config: Mapping[str, Any]) -> tuple[str, ...]:
@@ -109,31 +174,41 @@ class Problem(ABC):
         """The reported metrics, in display order."""
 
     @abstractmethod
-    def default_config(self) -> dict[str, Any]:
-        """Settings that finish within 10 minutes on 2 CPU cores."""
-
-    @abstractmethod
-    def smoke_config(self) -> dict[str, Any]:
-        """Settings that finish in seconds, for the tests."""
-
-    @abstractmethod
     def train(self, method_factory: MethodFactory, config: Mapping[str, Any], seed: int,
               device: torch.device, tasks: Sequence[str] | None = None,
               progress: bool = False) -> TrainResult:
         """Train one model and evaluate it."""
 
+    def settings(self) -> tuple[Setting, ...]:
+        """Every setting ``--set`` may change, declared and typed."""
+        return self.schema
+
+    def default_config(self) -> dict[str, Any]:
+        """Settings that finish within 10 minutes on 2 CPU cores (nyuv2: GPU-scale)."""
+        return resolve(self.settings(), None, False, self.name)
+
+    def smoke_config(self) -> dict[str, Any]:
+        """Settings that finish in seconds, for the tests."""
+        return resolve(self.settings(), None, True, self.name)
+
     def resolve_config(self, overrides: Mapping[str, Any] | None = None,
                        smoke: bool = False) -> dict[str, Any]:
-        """The default (or smoke) configuration with ``overrides`` applied (names checked)."""
-        config = self.smoke_config() if smoke else self.default_config()
-        for key, value in (overrides or {}).items():
-            if key not in config:
-                raise InvalidOptionError(
-                    f"{self.name} has no setting {key!r}; its settings are: "
-                    f"{', '.join(sorted(config))}"
-                )
-            config[key] = value
-        return config
+        """The default (or smoke) configuration with ``overrides`` applied: each parsed by its
+        declared kind (raw ``--set`` strings or typed values) and checked against its range;
+        an unknown name, a bad value or a value out of range raises ``InvalidOptionError``."""
+        return resolve(self.settings(), overrides, smoke, self.name)
+
+    def check_execution(self, *, checkpoint: bool = False, nproc: int = 1) -> None:
+        """Refuse, in one line, ``--checkpoint-every``/``--resume`` or ``--nproc`` > 1 where
+        they do not apply to this problem."""
+        if checkpoint and not self.checkpointable:
+            raise InvalidOptionError(
+                f"{self.name} {self.not_checkpointed}; --checkpoint-every and --resume apply "
+                f"to {', '.join(problem_names(lambda cls: cls.checkpointable))}")
+        if nproc > 1 and not self.distributable:
+            raise InvalidOptionError(
+                f"{self.name} {self.not_distributed}; --nproc applies to "
+                f"{', '.join(problem_names(lambda cls: cls.distributable))}")
 
 
 class MultiTaskModel(nn.Module):
@@ -190,29 +265,46 @@ class Data:
     note: str = ""
 
 
-class SupervisedProblem(Problem):
-    """A problem trained with mini-batches; subclasses describe data, model, losses, metrics.
+@dataclass
+class TrainingRun:
+    """What the shared loop's hooks see of the run in progress.
 
-    Common settings: ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``representation``
-    (pass the shared features to ``deconflict.backward``), ``data`` (a directory, else
-    $DECONFLICT_DATA), and the ``NEUTRAL_SETTINGS``: ``branch`` (Recon: shared layers made
-    task-specific with ``recon.branch``, re-initialized per task; only the still-shared
-    parameters go to the method) and ``measure_conflicts`` (per-task gradients even for
-    loss-weighting methods, so that their conflicts are measured; slower) and ``ddp`` (with
-    several processes: "exact" or "local", see ``deconflict.backward``'s ``distributed``).
+    ``epoch``: the current epoch (0-based); ``step``: optimizer steps done; ``epoch_losses``:
+    the sum over the epoch's steps so far of the (detached, this process's) task losses;
+    ``state``: the problem's own state across epochs (checkpointed with the run);
+    ``statistics``: extra entries for the record's statistics.
     """
 
-    def resolve_config(self, overrides: Mapping[str, Any] | None = None,
-                       smoke: bool = False) -> dict[str, Any]:
-        base = super().resolve_config(None, smoke)
-        defaults = {**NEUTRAL_SETTINGS, **base}
-        unknown = [key for key in (overrides or {}) if key not in defaults]
-        if unknown:
-            raise InvalidOptionError(
-                f"{self.name} has no setting {unknown[0]!r}; its settings are: "
-                f"{', '.join(sorted(defaults))}"
-            )
-        return {**defaults, **(overrides or {})}
+    problem: SupervisedProblem
+    config: Mapping[str, Any]
+    tasks: tuple[str, ...]
+    seed: int
+    data: Data
+    model: MultiTaskModel
+    method: Method
+    epoch: int = 0
+    step: int = 0
+    epoch_losses: Tensor | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    statistics: dict[str, Any] = field(default_factory=dict)
+
+
+class SupervisedProblem(Problem):
+    """A problem trained with mini-batches by the shared loop; subclasses describe data, model,
+    losses and metrics, and adapt the loop through its hooks (see the module docstring).
+
+    Common settings (``epochs_setting``, ``batch_size_setting``, ``lr_setting``,
+    ``WEIGHT_DECAY``, ``REPRESENTATION``, ``DATA``) go in a problem's ``schema``; the ``NEUTRAL``
+    ones are added to every supervised problem: ``branch`` (Recon), ``measure_conflicts`` and
+    ``ddp`` (several processes: "exact" or "local", see ``deconflict.backward``'s
+    ``distributed``).
+    """
+
+    checkpointable = True
+    distributable = True
+
+    def settings(self) -> tuple[Setting, ...]:
+        return (*self.schema, *NEUTRAL)
 
     @abstractmethod
     def load(self, config: Mapping[str, Any]) -> Data:
@@ -228,15 +320,58 @@ class SupervisedProblem(Problem):
                tasks: Sequence[str]) -> list[Tensor]:
         """One scalar loss per task, in ``tasks`` order."""
 
-    @abstractmethod
     def evaluate(self, model: MultiTaskModel, dataset: Dataset, tasks: Sequence[str],
                  config: Mapping[str, Any]) -> dict[str, float]:
-        """The metrics of ``tasks`` on a split (model in eval mode, no gradients)."""
+        """The metrics of ``tasks`` on a split (model in eval mode, no gradients); a problem
+        implements this or ``results``."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither evaluate nor "
+                                  "results")
+
+    # ------------------------------------------------------------------------- the hooks
+    def epoch_count(self, config: Mapping[str, Any]) -> int:
+        """The most epochs to train (``end_of_epoch`` may stop earlier)."""
+        return int(config["epochs"])
+
+    def init_seed(self, config: Mapping[str, Any], seed: int) -> int:
+        """The seed of the model's initial weights."""
+        return seed
+
+    def make_optimizer(self, model: nn.Module, config: Mapping[str, Any]
+                       ) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=config["lr"],
+                                weight_decay=config.get("weight_decay", 0.0))
+
+    def adjust_method(self, method: Method, config: Mapping[str, Any]) -> Method:
+        """The method to train with (a problem may refuse one that cannot work on it)."""
+        return method
+
+    def batches(self, run: TrainingRun, generator: torch.Generator
+                ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """The epoch's training mini-batches, shuffled by ``generator`` (the same order for
+        the same generator state: a resumed run replays it)."""
+        return run.data.train.batches(run.config["batch_size"], generator)
+
+    def step_losses(self, run: TrainingRun, inputs: Tensor, targets: Mapping[str, Tensor]
+                    ) -> tuple[Tensor, list[Tensor]]:
+        """(shared representation, task losses) of a batch."""
+        features, outputs = run.model(inputs)
+        return features, self.losses(outputs, targets, run.tasks)
+
+    def end_of_epoch(self, run: TrainingRun) -> bool:
+        """Called after each epoch (and the method's ``end_epoch``); True stops training."""
+        return False
+
+    def results(self, run: TrainingRun) -> dict[str, dict[str, float]]:
+        """The metrics per split of the trained model (called without gradients)."""
+        run.model.eval()
+        return {split: self.evaluate(run.model, dataset, run.tasks, run.config)
+                for split, dataset in (("validation", run.data.validation),
+                                       ("test", run.data.test))}
 
     def model_for(self, config: Mapping[str, Any], tasks: Sequence[str], data: Data,
                   seed: int) -> MultiTaskModel:
         """A fresh model (seeded), with the ``branch`` layers made task-specific (Recon)."""
-        torch.manual_seed(seed)
+        torch.manual_seed(self.init_seed(config, seed))
         model = self.build_model(config, tasks, data)
         layers = list(config.get("branch") or [])
         if layers:
@@ -249,19 +384,21 @@ class SupervisedProblem(Problem):
             model.shared.reset_branches()  # Recon retrains from scratch: copies start apart
         return model
 
+    # -------------------------------------------------------------------------- the loop
     def train(self, method_factory: MethodFactory, config: Mapping[str, Any], seed: int,
               device: torch.device, tasks: Sequence[str] | None = None,
               progress: bool = False, monitor: ConflictMonitor | None = None,
               checkpoint: Checkpointing | None = None) -> TrainResult:
         """Train and evaluate; ``monitor`` (optional) observes every step's conflicts, which
         then include the loss-weighting methods' (their per-task gradients are computed);
-        ``checkpoint`` saves the run every N steps and resumes it (``Checkpointing``)."""
+        ``checkpoint`` saves the run every N steps and resumes it (``Checkpointing``);
+        ``progress`` shows a bar over the steps with the current losses."""
         tasks = tuple(tasks or self.tasks(config))
         data = self.load(config)
         model = self.model_for(config, tasks, data, seed).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"],
-                                     weight_decay=config.get("weight_decay", 0.0))
-        method = method_factory()
+        optimizer = self.make_optimizer(model, config)
+        method = self.adjust_method(method_factory(), config)
+        run = TrainingRun(self, config, tasks, seed, data, model, method)
         representation = bool(config.get("representation")) or method.needs_features
         measure = monitor is not None or bool(config.get("measure_conflicts"))
         compute_gramian = True if measure and method.kind == "losses" else None
@@ -278,23 +415,26 @@ class SupervisedProblem(Problem):
         position = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0}
         identity = {"problem": self.name, "config": essential_config(config), "seed": seed,
                     "tasks": list(tasks), "method": repr(method)}
-        if checkpoint is not None and checkpoint.resume and checkpoint.path.is_file():
-            position = _restore(checkpoint.path, identity, model, optimizer, method, monitor,
-                                generator)
+        resumed = checkpoint is not None and checkpoint.resume and checkpoint.path.is_file()
+        if resumed:
+            position = _restore(checkpoint.path, identity, run, optimizer, monitor, generator)
         started = time.perf_counter() - position["seconds"]
+        epochs = self.epoch_count(config)
         steps_per_epoch = math.ceil(len(data.train) / config["batch_size"])
-        bar = tqdm(total=config["epochs"] * steps_per_epoch, initial=position["step"],
-                   disable=not progress, unit="step",
-                   desc=f"{self.name}: {getattr(method, 'name', 'method')} seed {seed}",
-                   leave=False)
-        step = position["step"]
-        for epoch in range(position["epoch"], config["epochs"]):
+        bar = tqdm(total=epochs * steps_per_epoch, initial=position["step"],
+                   disable=not progress or rank != 0, unit="step", leave=False,
+                   desc=f"{self.name}: {getattr(method, 'name', 'method')} seed {seed}")
+        shown = 0.0
+        run.step = position["step"]
+        for epoch in range(position["epoch"], epochs):
+            run.epoch = epoch
             model.train()
             # The shuffling generator as the epoch begins: a resumed run replays its order.
             epoch_order = generator.get_state()
             skip = position["batch"] if epoch == position["epoch"] else 0
-            for batch, (inputs, targets) in enumerate(
-                    data.train.batches(config["batch_size"], generator)):
+            if not (resumed and epoch == position["epoch"]):
+                run.epoch_losses = None
+            for batch, (inputs, targets) in enumerate(self.batches(run, generator)):
                 if batch < skip:
                     continue
                 if world > 1:
@@ -304,8 +444,10 @@ class SupervisedProblem(Problem):
                     targets = {t: v[rank::world] for t, v in targets.items()}
                 inputs = inputs.to(device)
                 targets = {t: v.to(device) for t, v in targets.items()}
-                features, outputs = model(inputs)
-                losses = self.losses(outputs, targets, tasks)
+                features, losses = self.step_losses(run, inputs, targets)
+                detached = torch.stack(losses).detach()
+                run.epoch_losses = (detached if run.epoch_losses is None
+                                    else run.epoch_losses + detached)
                 optimizer.zero_grad(set_to_none=True)
                 record = backward(losses, shared, method,
                                   features=features if representation else None,
@@ -314,35 +456,45 @@ class SupervisedProblem(Problem):
                 optimizer.step()
                 if method.needs_losses_after_step:
                     with torch.no_grad():
-                        after = torch.stack(self.losses(model(inputs)[1], targets, tasks))
+                        after = torch.stack(self.step_losses(run, inputs, targets)[1])
                         if sync.get("distributed") == "exact":
                             after = global_losses(after)
                         method.after_step(after)
+                run.step += 1
                 bar.update()
-                step += 1
-                if checkpoint is not None and step % checkpoint.every == 0:
+                if not bar.disable and time.monotonic() - shown > 0.5:
+                    # The losses cost a device sync: every half second, not every step.
+                    bar.set_postfix_str(_losses_text(tasks, detached), refresh=shown == 0.0)
+                    shown = time.monotonic()
+                if checkpoint is not None and run.step % checkpoint.every == 0:
                     save_torch(checkpoint.path, {
-                        "identity": identity, "step": step, "epoch": epoch, "batch": batch + 1,
-                        "seconds": time.perf_counter() - started, "epoch_order": epoch_order,
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "method": method.state_dict(), "monitor": monitor.state_dict(),
-                        "rng": _rng_states()})
+                        "identity": identity, "step": run.step, "epoch": epoch,
+                        "batch": batch + 1, "seconds": time.perf_counter() - started,
+                        "epoch_order": epoch_order, "epoch_losses": run.epoch_losses,
+                        "state": run.state, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+                        "monitor": monitor.state_dict(), "rng": rng_states()})
             end_epoch = getattr(method, "end_epoch", None)
             if end_epoch is not None:
                 end_epoch()
+            if self.end_of_epoch(run):
+                break
         bar.close()
         if rank != 0:  # rank 0 evaluates and reports for all: the models are the same
             return TrainResult({}, {}, data.note, model)
-        metrics = {}
-        model.eval()
         with torch.no_grad():
-            for split, dataset in (("validation", data.validation), ("test", data.test)):
-                metrics[split] = self.evaluate(model, dataset, tasks, config)
+            metrics = self.results(run)
         summary = monitor.summary()
+        summary.update(run.statistics)
         summary["train_seconds"] = time.perf_counter() - started
         summary["parameters"] = sum(p.numel() for p in model.parameters())
         summary["shared_parameters"] = sum(p.numel() for _, p in shared)
         return TrainResult(metrics, summary, data.note, model)
+
+
+def _losses_text(tasks: Sequence[str], losses: Tensor) -> str:
+    return ", ".join(f"{task} {value:.4g}" for task, value in zip(tasks, losses.tolist(),
+                                                                  strict=True))
 
 
 def _process_group() -> tuple[int, int]:
@@ -353,7 +505,8 @@ def _process_group() -> tuple[int, int]:
     return 1, 0
 
 
-def _rng_states() -> dict[str, Any]:
+def rng_states() -> dict[str, Any]:
+    """The global RNGs' states (torch, NumPy, Python, CUDA), for a checkpoint."""
     # The legacy global NumPy state too: user code and libraries may draw from it.
     numpy_state = np.random.get_state()  # noqa: NPY002
     states: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": numpy_state,
@@ -363,28 +516,50 @@ def _rng_states() -> dict[str, Any]:
     return states
 
 
-def _restore(path: Path, identity: dict[str, Any], model: nn.Module,
-             optimizer: torch.optim.Optimizer, method: Method, monitor: ConflictMonitor,
+def _restore(path: Path, identity: dict[str, Any], run: TrainingRun,
+             optimizer: torch.optim.Optimizer, monitor: ConflictMonitor,
              generator: torch.Generator) -> dict[str, Any]:
-    """Load a checkpoint written by ``SupervisedProblem.train``; the position it saved."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    """Load a checkpoint written by ``SupervisedProblem.train`` into ``run``; the position it
+    saved."""
+    saved = load_checkpoint(path, identity)
+    device = next(run.model.parameters()).device
+    run.model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    run.method.load_state_dict(saved["method"])
+    monitor.load_state_dict(saved["monitor"])
+    generator.set_state(saved["epoch_order"])
+    losses = saved.get("epoch_losses")
+    run.epoch_losses = None if losses is None else losses.to(device)
+    run.state = saved.get("state") or {}
+    set_rng_states(saved["rng"])
+    return {key: saved[key] for key in ("step", "epoch", "batch", "seconds")}
+
+
+def load_checkpoint(path: Path, identity: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's contents, refused in one line when the file cannot be read or belongs
+    to another run (``identity``: problem, configuration, seed, tasks, method)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(saved, dict):
+            raise TypeError("not a checkpoint dictionary")
+    except Exception as error:  # a torn or foreign file: name it and say what to do
+        raise DataFormatError(f"checkpoint {path} cannot be read ({type(error).__name__}); "
+                              "remove it to start the run over") from None
     if saved.get("identity") != identity:
         raise InvalidOptionError(
             f"checkpoint {path} belongs to another run ({saved.get('identity')}); remove it or "
             "run without --resume"
         )
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    method.load_state_dict(saved["method"])
-    monitor.load_state_dict(saved["monitor"])
-    generator.set_state(saved["epoch_order"])
-    rng = saved["rng"]
+    return saved
+
+
+def set_rng_states(rng: Mapping[str, Any]) -> None:
+    """Restore the global RNGs saved by ``rng_states``."""
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])  # noqa: NPY002
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return {key: saved[key] for key in ("step", "epoch", "batch", "seconds")}
 
 
 def predict(model: MultiTaskModel, dataset: Dataset, batch_size: int = 4096

@@ -17,10 +17,26 @@ import torch
 from torch import Tensor
 
 from ...errors import InvalidOptionError
-from ..data.census import TASKS, load_census
+from ..data.census import EDUCATION_CUTS, TASKS, load_census
 from ..metrics import roc_auc
 from ..models import MMoE, SharedBottom
-from .base import Data, Dataset, Metric, MultiTaskModel, SupervisedProblem, predict
+from .base import (
+    DATA,
+    REPRESENTATION,
+    WEIGHT_DECAY,
+    Data,
+    Dataset,
+    Metric,
+    MultiTaskModel,
+    SupervisedProblem,
+    batch_size_setting,
+    epochs_setting,
+    lr_setting,
+    predict,
+)
+from .settings import Setting
+
+MODELS = ("shared_bottom", "mmoe")
 
 
 def _dataset(split: Any) -> Dataset:
@@ -32,24 +48,32 @@ class CensusIncome(SupervisedProblem):
     name = "census-income"
     description = ("UCI Census-income (KDD): income > 50K, never married, at least college; "
                    "AUC per task (GradOPS Section 4.1)")
+    schema = (
+        epochs_setting(200, 1),
+        batch_size_setting(1024, 512),
+        lr_setting(1e-4, 1e-3),
+        WEIGHT_DECAY,
+        Setting("hidden", "ints", [192, 192], "units of the shared layers", [16, 16], low=1),
+        Setting("dropout", "float", 0.3, "dropout probability", low=0.0, high=1.0,
+                open_high=True),
+        Setting("model", "str", "shared_bottom", "shared-bottom network or multi-gate mixture "
+                "of experts", choices=MODELS),
+        Setting("experts", "int", 8, "experts of the MMoE model", 2, low=1),
+        Setting("expert_hidden", "ints", [64, 64], "units of each expert's layers", [8, 8],
+                low=1),
+        Setting("education_cut", "str", "bachelors", "lowest degree counted as 'at least "
+                "college'", choices=tuple(EDUCATION_CUTS)),
+        Setting("subsample", "int", None, "keep only the first that many training rows", 2048,
+                low=1, optional=True),
+        REPRESENTATION,
+        DATA,
+    )
 
     def tasks(self, config: Mapping[str, Any]) -> tuple[str, ...]:
         return TASKS
 
     def metrics(self, config: Mapping[str, Any]) -> tuple[Metric, ...]:
         return tuple(Metric(f"auc_{task}", task, True) for task in TASKS)
-
-    def default_config(self) -> dict[str, Any]:
-        return {"epochs": 200, "batch_size": 1024, "lr": 1e-4, "weight_decay": 0.0,
-                "hidden": [192, 192], "dropout": 0.3, "model": "shared_bottom", "experts": 8,
-                "expert_hidden": [64, 64], "education_cut": "bachelors", "subsample": None,
-                "representation": False, "data": None}
-
-    def smoke_config(self) -> dict[str, Any]:
-        config = self.default_config()
-        config.update({"epochs": 1, "batch_size": 512, "lr": 1e-3, "subsample": 2048,
-                       "hidden": [16, 16], "expert_hidden": [8, 8], "experts": 2})
-        return config
 
     def load(self, config: Mapping[str, Any]) -> Data:
         census = load_census(config.get("data"), config["education_cut"])

@@ -23,7 +23,21 @@ from torch import Tensor
 from ...errors import InvalidOptionError
 from ..data.two_digits import TwoDigits, compose
 from ..models import TwoDigitModel
-from .base import Data, Dataset, Metric, MultiTaskModel, SupervisedProblem, predict
+from .base import (
+    DATA,
+    REPRESENTATION,
+    WEIGHT_DECAY,
+    Data,
+    Dataset,
+    Metric,
+    MultiTaskModel,
+    SupervisedProblem,
+    batch_size_setting,
+    epochs_setting,
+    lr_setting,
+    predict,
+)
+from .settings import Setting
 
 VARIANTS = ("classify_reconstruct", "classify_both")
 SPLIT_SEED = 0
@@ -34,6 +48,23 @@ def _dataset(samples: TwoDigits, variant: str) -> Dataset:
     return Dataset(torch.from_numpy(samples.images),
                    {"left": torch.from_numpy(samples.left_labels),
                     "right": torch.from_numpy(right)})
+
+
+def _schema(epochs: int, batch_size: int, pairs: float, smoke_pairs: float
+            ) -> tuple[Setting, ...]:
+    return (
+        epochs_setting(epochs, 1),
+        batch_size_setting(batch_size),
+        lr_setting(1e-3),
+        WEIGHT_DECAY,
+        Setting("latent", "int", 50, "width of the shared latent", 8, low=1),
+        Setting("pairs_per_image", "float", pairs, "two-digit images composed per digit image",
+                smoke_pairs, low=0.0, open_low=True),
+        Setting("variant", "str", VARIANTS[0], "reconstruct the lower-right digit or classify "
+                "it too", choices=VARIANTS),
+        REPRESENTATION,
+        DATA,
+    )
 
 
 class TwoDigitProblem(SupervisedProblem):
@@ -99,22 +130,13 @@ class TwoDigitProblem(SupervisedProblem):
                 metrics[f"mse_{task}"] = float(((outputs[task] - target) ** 2).mean())
         return metrics
 
-    def default_config(self) -> dict[str, Any]:
-        return {"epochs": 30, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "latent": 50,
-                "pairs_per_image": 2.0, "variant": VARIANTS[0], "representation": False,
-                "data": None}
-
 
 class Digits(TwoDigitProblem):
     name = "digits"
     description = ("scikit-learn's handwritten digits in pairs: classify the upper-left one, "
                    "reconstruct (or classify) the lower-right one (tensioner paper Section 4.3)")
     canvas = 10
-
-    def smoke_config(self) -> dict[str, Any]:
-        config = self.default_config()
-        config.update({"epochs": 1, "pairs_per_image": 0.25, "latent": 8})
-        return config
+    schema = _schema(epochs=30, batch_size=64, pairs=2.0, smoke_pairs=0.25)
 
     def _images(self, config: Mapping[str, Any]) -> tuple[dict[str, tuple[np.ndarray,
                                                                        np.ndarray]], str]:
@@ -136,16 +158,7 @@ class MultiMnist(TwoDigitProblem):
                    "reconstruct (or classify) the lower-right one (tensioner paper Section 4.3)")
     canvas = 32
     resize = 28
-
-    def default_config(self) -> dict[str, Any]:
-        config = super().default_config()
-        config.update({"epochs": 10, "batch_size": 128, "pairs_per_image": 1.0})
-        return config
-
-    def smoke_config(self) -> dict[str, Any]:
-        config = self.default_config()
-        config.update({"epochs": 1, "pairs_per_image": 0.05, "latent": 8})
-        return config
+    schema = _schema(epochs=10, batch_size=128, pairs=1.0, smoke_pairs=0.05)
 
     def _images(self, config: Mapping[str, Any]) -> tuple[dict[str, tuple[np.ndarray,
                                                                        np.ndarray]], str]:

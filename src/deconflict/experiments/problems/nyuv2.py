@@ -37,25 +37,28 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.nn import functional
 
-from ...diagnostics import ConflictMonitor
 from ...errors import InvalidOptionError
 from ...methods.base import Method
 from ..data.nyuv2 import CLASSES, IGNORE_INDEX, NYUv2Split, load_nyuv2
 from ..dense_metrics import TASK_METRICS, DenseMetrics
 from ..segnet import DEFAULT_FILTERS, MTAN, SegNet
 from .base import (
+    DATA,
+    REPRESENTATION,
+    WEIGHT_DECAY,
     Data,
     Dataset,
-    MethodFactory,
     Metric,
     MultiTaskModel,
     SupervisedProblem,
-    TrainResult,
+    batch_size_setting,
+    epochs_setting,
+    lr_setting,
 )
+from .settings import Setting
 
 TASKS = ("segmentation", "depth", "normal")
 _HIGHER_IS_BETTER = {"miou": True, "pixel_accuracy": True, "depth_abs_error": False,
@@ -86,6 +89,25 @@ class NYUv2(SupervisedProblem):
     name = "nyuv2"
     description = ("NYUv2: 13-class segmentation, depth, surface normals; SegNet (GradOPS "
                    "Table 2) or MTAN (CAGrad Table 1); GPU-scale")
+    schema = (
+        epochs_setting(200, 1),
+        batch_size_setting(2),
+        lr_setting(1e-4, 1e-3),
+        WEIGHT_DECAY,
+        Setting("model", "str", "segnet", "shared SegNet with a head per task (GradOPS) or "
+                "MTAN's per-task attention (CAGrad)", choices=MODELS),
+        Setting("filters", "ints", list(DEFAULT_FILTERS), "channels of the encoder stages",
+                [4, 8], low=1),
+        Setting("samples", "int", None, "keep the first that many images of each folder", 4,
+                low=1, optional=True),
+        Setting("validation_fraction", "float", 0.0, "last fraction of the training images "
+                "held out as validation (0: the val images serve as both)", low=0.0, high=1.0,
+                open_high=True),
+        Setting("eval_batch_size", "int", 2, "images per evaluation batch (none: batch_size)",
+                4, low=1, optional=True),
+        REPRESENTATION,
+        DATA,
+    )
 
     def tasks(self, config: Mapping[str, Any]) -> tuple[str, ...]:
         return TASKS
@@ -93,18 +115,6 @@ class NYUv2(SupervisedProblem):
     def metrics(self, config: Mapping[str, Any]) -> tuple[Metric, ...]:
         return tuple(Metric(name, task, _HIGHER_IS_BETTER[name])
                      for task in TASKS for name in TASK_METRICS[task])
-
-    def default_config(self) -> dict[str, Any]:
-        return {"epochs": 200, "batch_size": 2, "lr": 1e-4, "weight_decay": 0.0,
-                "model": "segnet", "filters": list(DEFAULT_FILTERS), "samples": None,
-                "validation_fraction": 0.0, "eval_batch_size": 2, "representation": False,
-                "data": None}
-
-    def smoke_config(self) -> dict[str, Any]:
-        config = self.default_config()
-        config.update({"epochs": 1, "lr": 1e-3, "filters": [4, 8], "samples": 4,
-                       "eval_batch_size": 4})
-        return config
 
     def load(self, config: Mapping[str, Any]) -> Data:
         limit = config.get("samples")
@@ -146,14 +156,13 @@ class NYUv2(SupervisedProblem):
         raise InvalidOptionError(f"nyuv2: model must be one of {', '.join(MODELS)}, got "
                                  f"{config['model']!r}")
 
-    def train(self, method_factory: MethodFactory, config: Mapping[str, Any], seed: int,
-              device: torch.device, tasks: Sequence[str] | None = None,
-              progress: bool = False, monitor: ConflictMonitor | None = None) -> TrainResult:
-        # Only a guard around the shared loop: a method that needs the representation cannot
-        # work with MTAN, and the engine's own error would not say why.
-        if config.get("model") == "mtan":
-            method_factory = _without_features(method_factory)
-        return super().train(method_factory, config, seed, device, tasks, progress, monitor)
+    def adjust_method(self, method: Method, config: Mapping[str, Any]) -> Method:
+        # A method that needs the representation cannot work with MTAN, and the engine's own
+        # error would not say why.
+        if config.get("model") == "mtan" and method.needs_features:
+            raise InvalidOptionError(f"{method.name} works on the shared representation; "
+                                     f"{_MTAN_REPRESENTATION}")
+        return method
 
     def losses(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor],
                tasks: Sequence[str]) -> list[Tensor]:
@@ -182,16 +191,6 @@ class NYUv2(SupervisedProblem):
                                                config["batch_size"]):
             accumulator.update(model(inputs.to(device))[1], targets)
         return accumulator.compute()
-
-
-def _without_features(method_factory: MethodFactory) -> MethodFactory:
-    def factory() -> Method:
-        method = method_factory()
-        if method.needs_features:
-            raise InvalidOptionError(f"{method.name} works on the shared representation; "
-                                     f"{_MTAN_REPRESENTATION}")
-        return method
-    return factory
 
 
 _MTAN_REPRESENTATION = (

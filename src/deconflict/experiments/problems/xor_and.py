@@ -16,6 +16,11 @@ Metrics per run: ``converged`` (0 or 1) and ``epochs`` (to convergence; NaN when
 jointly and per task (``converged_xor``, ...). Over seeds, the mean of ``converged`` is the
 convergence rate and the mean of ``epochs`` (NaNs skipped) the mean epochs of the converged runs,
 the two columns of the paper's tables.
+
+Trained by the shared loop (``SupervisedProblem.train``): this module gives the SGD optimizer,
+the fixed initial weights, the convergence test at each epoch's end (which stops training) and
+the metrics; checkpointing works as for every supervised problem, several processes do not (a
+batch is 2 points).
 """
 
 from __future__ import annotations
@@ -27,17 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...diagnostics import ConflictMonitor
-from ...engine import backward
-from ...errors import InvalidOptionError
-from .base import MethodFactory, Metric, Problem, TrainResult
+from .base import Data, Dataset, Metric, MultiTaskModel, SupervisedProblem, TrainingRun
+from .settings import Setting
 
 INPUTS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 TARGETS = {"xor": torch.tensor([0.0, 1.0, 1.0, 0.0]), "and": torch.tensor([0.0, 0.0, 0.0, 1.0])}
 TASKS = ("xor", "and")
 
 
-class XorAndNet(nn.Module):
+class XorAndNet(MultiTaskModel):
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
         self.shared = nn.Sequential(nn.Linear(2, 2), nn.Sigmoid())
@@ -45,15 +48,33 @@ class XorAndNet(nn.Module):
         heads = {task: nn.Linear(2, 1) for task in ("and", "xor") if task in tasks}
         self.heads = nn.ModuleDict({task: heads[task] for task in tasks})
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z = self.shared(x)
-        return {task: head(z).squeeze(-1) for task, head in self.heads.items()}
+        return z, {task: head(z).squeeze(-1) for task, head in self.heads.items()}
 
 
-class XorAnd(Problem):
+class XorAnd(SupervisedProblem):
     name = "xor-and"
     description = ("XOR (scaled by c) and AND from a shared 2-unit sigmoid layer: convergence "
                    "rate and epochs over seeds (tensioner paper Tables 1-2)")
+    distributable = False
+    not_distributed = "trains on 4 points in mini-batches of 2"
+    schema = (
+        Setting("scale", "float", 1.0, "factor c of the XOR targets (Table 1: 1, Table 2: 10)",
+                low=0.0, open_low=True),
+        Setting("lr", "float", 0.05, "SGD learning rate", low=0.0, open_low=True),
+        Setting("momentum", "float", 0.9, "SGD momentum", low=0.0, high=1.0, open_high=True),
+        Setting("batch_size", "int", 2, "points per step", low=1, high=4),
+        Setting("max_epochs", "int", 3000, "epoch cap (paper 3,000; authors' code 2,500)", 30,
+                low=1),
+        Setting("threshold", "float", 1e-3, "a task has converged once its loss is below this",
+                low=0.0, open_low=True),
+        Setting("convergence", "str", "code", "how convergence is measured: the epoch's "
+                "mini-batch losses (code) or the 4 points after the epoch (full_batch)",
+                choices=("code", "full_batch")),
+        Setting("init_seed", "int", 136, "seed of the initial weights, the same for every run "
+                "(none: the run's seed)", low=0, optional=True),
+    )
 
     def tasks(self, config: Mapping[str, Any]) -> tuple[str, ...]:
         return TASKS
@@ -63,73 +84,58 @@ class XorAnd(Problem):
             Metric(f"converged_{task}", task, True), Metric(f"epochs_{task}", task, False)))
         return (Metric("converged", "all", True), Metric("epochs", "all", False), *per_task)
 
-    def default_config(self) -> dict[str, Any]:
-        return {"scale": 1.0, "lr": 0.05, "momentum": 0.9, "batch_size": 2, "max_epochs": 3000,
-                "threshold": 1e-3, "convergence": "code", "init_seed": 136}
+    def load(self, config: Mapping[str, Any]) -> Data:
+        points = Dataset(INPUTS, {"xor": TARGETS["xor"] * config["scale"],
+                                  "and": TARGETS["and"]})
+        return Data(points, points, points, f"XOR targets scaled by c = {config['scale']:g}")
 
-    def smoke_config(self) -> dict[str, Any]:
-        config = self.default_config()
-        config["max_epochs"] = 30
-        return config
+    def build_model(self, config: Mapping[str, Any], tasks: Sequence[str],
+                    data: Data) -> MultiTaskModel:
+        return XorAndNet(tasks)
 
-    def train(self, method_factory: MethodFactory, config: Mapping[str, Any], seed: int,
-              device: torch.device, tasks: Sequence[str] | None = None,
-              progress: bool = False) -> TrainResult:
-        tasks = tuple(tasks or TASKS)
-        init_seed = config["init_seed"]
-        torch.manual_seed(seed if init_seed is None else init_seed)
-        model = XorAndNet(tasks)
-        optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"],
-                                    momentum=config["momentum"])
-        method = method_factory()
-        targets = {"xor": TARGETS["xor"] * config["scale"], "and": TARGETS["and"]}
-        generator = torch.Generator().manual_seed(seed)
-        statistics = ConflictMonitor(method, task_names=tasks)
-        converged_at: dict[str, float] = {task: math.nan for task in tasks}
+    def losses(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
+               tasks: Sequence[str]) -> list[torch.Tensor]:
+        return [nn.functional.mse_loss(outputs[t], targets[t]) for t in tasks]
 
-        def task_losses(index: torch.Tensor) -> list[torch.Tensor]:
-            outputs = model(INPUTS[index])
-            return [nn.functional.mse_loss(outputs[t], targets[t][index]) for t in tasks]
+    def epoch_count(self, config: Mapping[str, Any]) -> int:
+        return int(config["max_epochs"])
 
-        if config["convergence"] not in ("code", "full_batch"):
-            raise InvalidOptionError("xor-and: convergence must be 'code' or 'full_batch'")
-        for epoch in range(1, config["max_epochs"] + 1):
-            order = torch.randperm(4, generator=generator)
-            epoch_loss = torch.zeros(len(tasks))
-            for start in range(0, 4, config["batch_size"]):
-                index = order[start:start + config["batch_size"]]
-                losses = task_losses(index)
-                epoch_loss += torch.stack(losses).detach()
-                optimizer.zero_grad(set_to_none=True)
-                statistics.observe(backward(losses, model.shared, method))
-                optimizer.step()
-                if method.needs_losses_after_step:
-                    with torch.no_grad():
-                        method.after_step(torch.stack(task_losses(index)))
-            end_epoch = getattr(method, "end_epoch", None)
-            if end_epoch is not None:
-                end_epoch()
-            if config["convergence"] == "code":
-                measured = epoch_loss / (4 * len(tasks))
-            else:
-                with torch.no_grad():
-                    measured = torch.stack(task_losses(torch.arange(4)))
-            for task, loss in zip(tasks, measured.tolist(), strict=True):
-                below = loss < config["threshold"]
-                if below and math.isnan(converged_at[task]):
-                    converged_at[task] = float(epoch)
-                elif not below and config["convergence"] == "full_batch":
-                    converged_at[task] = math.nan
-            if all(not math.isnan(v) for v in converged_at.values()):
-                break
-        joint = epoch if all(not math.isnan(v) for v in converged_at.values()) else math.nan
-        metrics: dict[str, float] = {"converged": float(not math.isnan(joint)), "epochs": joint}
+    def init_seed(self, config: Mapping[str, Any], seed: int) -> int:
+        return seed if config["init_seed"] is None else config["init_seed"]
+
+    def make_optimizer(self, model: nn.Module, config: Mapping[str, Any]
+                       ) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
+
+    def end_of_epoch(self, run: TrainingRun) -> bool:
+        config, tasks = run.config, run.tasks
+        converged_at = run.state.setdefault("converged_at", {task: math.nan for task in tasks})
+        if config["convergence"] == "code":
+            measured = run.epoch_losses / (4 * len(tasks))
+        else:
+            with torch.no_grad():
+                everything = run.data.train
+                measured = torch.stack(self.losses(run.model(everything.inputs)[1],
+                                                   everything.targets, tasks))
+        epoch = run.epoch + 1
+        for task, loss in zip(tasks, measured.tolist(), strict=True):
+            below = loss < config["threshold"]
+            if below and math.isnan(converged_at[task]):
+                converged_at[task] = float(epoch)
+            elif not below and config["convergence"] == "full_batch":
+                converged_at[task] = math.nan
+        run.statistics["epochs_run"] = epoch
+        return all(not math.isnan(v) for v in converged_at.values())
+
+    def results(self, run: TrainingRun) -> dict[str, dict[str, float]]:
+        tasks = run.tasks
+        converged_at = run.state.get("converged_at", {task: math.nan for task in tasks})
+        done = all(not math.isnan(v) for v in converged_at.values())
+        joint = run.statistics.get("epochs_run", 0) if done else math.nan
+        metrics: dict[str, float] = {"converged": float(done), "epochs": joint}
         for task in tasks:
             metrics[f"converged_{task}"] = float(not math.isnan(converged_at[task]))
             metrics[f"epochs_{task}"] = converged_at[task]
         if len(tasks) < len(TASKS):  # single-task baseline: the joint columns do not apply
             metrics = {k: v for k, v in metrics.items() if k.endswith(tasks)}
-        summary = statistics.summary()
-        summary["epochs_run"] = epoch
-        return TrainResult({"validation": metrics, "test": metrics}, summary,
-                           f"XOR targets scaled by c = {config['scale']:g}")
+        return {"validation": metrics, "test": dict(metrics)}
