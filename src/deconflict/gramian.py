@@ -20,6 +20,7 @@ from torch import Tensor
 from . import kernels
 from .errors import ShapeError
 from .kernels import Rows
+from .linalg import update_rounding_floor
 
 
 def _check_matrix(jacobian: Tensor) -> Tensor:
@@ -111,11 +112,6 @@ def combine(jacobian: Tensor, weights: Tensor) -> Tensor:
     return combine_block(_check_matrix(jacobian), weights)
 
 
-# An update is trusted when its direction is accurate to ~1e-8: the float64 rounding error of
-# J^T c is at most about T * eps * sum_i |c_i| ||g_i||, so below 1e8 times that, D is noise.
-_DIRECTION_ACCURACY = 1e-8
-
-
 def rounding_floor(gramian: Tensor, weights: Tensor) -> float:
     """The norm below which J^T c cannot be told apart from its float64 rounding error.
 
@@ -125,9 +121,7 @@ def rounding_floor(gramian: Tensor, weights: Tensor) -> float:
     """
     norms = torch.sqrt(torch.clamp(torch.diagonal(gramian).to(torch.float64), min=0.0))
     c = weights.to(device=norms.device, dtype=torch.float64)
-    budget = float((c.abs() * norms).sum())
-    eps = torch.finfo(torch.float64).eps
-    return len(c) * eps * budget / _DIRECTION_ACCURACY
+    return update_rounding_floor(len(c), float((c.abs() * norms).sum()))
 
 
 def vector_norm(tensors: Iterable[Tensor]) -> float:

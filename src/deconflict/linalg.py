@@ -148,19 +148,23 @@ def normalized(M: np.ndarray) -> tuple[np.ndarray, float]:
     return M / scale, scale
 
 
-# gramian.rounding_floor's rule, for the T x T side: J^T c is trusted when its direction is
-# accurate to 1e-8.
+# J^T c is trusted when its direction is accurate to 1e-8.
 _DIRECTION_ACCURACY = 1e-8
 
 
-def negligible_update(M: np.ndarray, c: np.ndarray) -> bool:
-    """Whether ||J^T c|| is below its own float64 rounding error, decided from M alone.
+def update_rounding_floor(num_tasks: int, budget: float) -> float:
+    """The norm below which J^T c cannot be told apart from its float64 rounding error.
 
-    The float64 error of J^T c is at most about T eps sum_i |c_i| ||g_i||; an update shorter
-    than 1e8 times that has no trustworthy direction (the engine writes zeros instead, see
-    ``gramian.rounding_floor``). ||J^T c||^2 = c^T M c.
+    That error is at most about T eps sum_i |c_i| ||g_i|| (``budget`` = sum_i |c_i| ||g_i||);
+    an update shorter than 1e8 times it has no trustworthy direction, and the engine writes an
+    exact zero instead (``gramian.rounding_floor``).
     """
+    return num_tasks * float(np.finfo(np.float64).eps) * budget / _DIRECTION_ACCURACY
+
+
+def negligible_update(M: np.ndarray, c: np.ndarray) -> bool:
+    """Whether ||J^T c|| is below ``update_rounding_floor``, decided from M alone
+    (||J^T c||^2 = c^T M c)."""
     c = np.asarray(c, dtype=np.float64)
-    budget = float(np.abs(c) @ task_norms(M))
-    floor = c.size * float(np.finfo(np.float64).eps) * budget / _DIRECTION_ACCURACY
+    floor = update_rounding_floor(c.size, float(np.abs(c) @ task_norms(M)))
     return float(c @ M @ c) <= floor**2
