@@ -1,7 +1,14 @@
 """One module per method; importing this package registers them all."""
 
 from .aligned_mtl import AlignedMTL
-from .base import Context, LossWeighting, Method
+from .base import (
+    BlockWeighting,
+    Context,
+    GramianWeighting,
+    JacobianAggregator,
+    LossWeighting,
+    Method,
+)
 from .cagrad import CAGrad
 from .cagrad_fast import CAGradFast
 from .db_mtl import DBMTL
@@ -35,6 +42,7 @@ __all__ = [
     "MGDAUB",
     "RLW",
     "AlignedMTL",
+    "BlockWeighting",
     "CAGrad",
     "CAGradFast",
     "Context",
@@ -43,6 +51,8 @@ __all__ = [
     "GradNorm",
     "GradOPS",
     "GradVac",
+    "GramianWeighting",
+    "JacobianAggregator",
     "LossWeighting",
     "Mean",
     "Method",

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 from ._zero_update import note_zero_update
-from .base import Context, Diagnostics, Method
+from .base import Context, Diagnostics, GramianWeighting
 from .options import Option
 from .registry import register
 from .upgrad import preference_weights
@@ -49,7 +49,7 @@ def balance_transformation(M: np.ndarray, scale_mode: str, rtol: float) -> np.nd
 
 
 @register
-class AlignedMTL(Method):
+class AlignedMTL(GramianWeighting):
     """Aligned-MTL (CVPR 2023); see the module docstring.
 
     Options: ``scale_mode`` in {"min", "median", "rmse"}, ``pref_vector`` (default ones),

@@ -260,6 +260,41 @@ class Method(ABC):
         return Context(num_tasks=num_tasks, losses=values, combinations=combinations)
 
 
+class GramianWeighting(Method):
+    """A rule from the Gramian M = J J^T (T x T) and the context to task weights c (T,).
+
+    The update of the shared parameters is J^T c. ``gradient_combinations`` may ask the engine
+    to differentiate combinations A L of the losses instead of the T losses (CAGrad-Fast); M is
+    then the Gramian of A J and c is still over the T tasks. Implement ``_compute(M, context)``.
+    """
+
+    @property
+    def kind(self) -> str:  # transitional: the engine now chooses by isinstance
+        return "gramian"
+
+
+class BlockWeighting(Method):
+    """One weight vector per group of parameter blocks, from that group's Gramian (GradVac).
+
+    ``group_blocks`` maps the blocks' layer keys to group indices; ``block_weights`` maps the K
+    group Gramians (K, T, T) to weights (K, T); the update restricted to group k is J_k^T c^(k).
+    When every block falls in one group (``single_group``) the method is a Gramian weighting.
+    """
+
+    @property
+    def kind(self) -> str:  # transitional
+        return "block_gramians"
+
+
+class JacobianAggregator(Method):
+    """A rule that needs the task gradients themselves (GradDrop's signs, DB-MTL's moving
+    averages): ``combine_jacobian`` maps each block J_k (T x d_k) to its update (d_k,)."""
+
+    @property
+    def kind(self) -> str:  # transitional
+        return "jacobian"
+
+
 class LossWeighting(Method):
     """Base of the methods whose weights need no gradients: one ordinary backward pass."""
 

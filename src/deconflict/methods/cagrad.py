@@ -51,7 +51,7 @@ from ..solvers import (
     dual_cone_weights,
     stationary_support,
 )
-from .base import Context, Diagnostics, Method
+from .base import Context, Diagnostics, GramianWeighting
 from .options import Option
 from .registry import register
 
@@ -98,7 +98,7 @@ def cagrad_weights(
 
 
 @register
-class CAGrad(Method):
+class CAGrad(GramianWeighting):
     """CAGrad (Liu et al., NeurIPS 2021, Eq. 3 and its dual); see the module docstring.
 
     Options: ``c``, ``rescale``, ``degenerate`` (see the module docstring).

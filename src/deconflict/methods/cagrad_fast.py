@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from ..errors import ShapeError
-from .base import Context, Diagnostics, Method, SeededRandomness
+from .base import Context, Diagnostics, GramianWeighting, SeededRandomness
 from .cagrad import DEGENERATE, cagrad_weights
 from .options import Option
 from .registry import register
@@ -40,7 +40,7 @@ def subsampling_matrix(num_tasks: int, sampled: np.ndarray) -> np.ndarray:
 
 
 @register
-class CAGradFast(SeededRandomness, Method):
+class CAGradFast(SeededRandomness, GramianWeighting):
     """CAGrad-Fast (CAGrad paper Eq. 4); see the module docstring.
 
     Options: ``c``, ``rescale``, ``degenerate`` as CAGrad; ``num_sampled``: |S| (default None:

@@ -24,13 +24,13 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
-from .base import Diagnostics, Method
+from .base import Diagnostics, JacobianAggregator
 from .options import Option
 from .registry import register
 
 
 @register
-class DBMTL(Method):
+class DBMTL(JacobianAggregator):
     """DB-MTL; see the module docstring. Needs ``losses``.
 
     Diagnostics: ``scales`` (a_i), ``average_norms`` (||Ghat_i||), ``beta`` (beta_k).

@@ -34,13 +34,13 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
-from .base import Diagnostics, Method, SeededRandomness
+from .base import Diagnostics, JacobianAggregator, SeededRandomness
 from .options import Option
 from .registry import register
 
 
 @register
-class GradDrop(SeededRandomness, Method):
+class GradDrop(SeededRandomness, JacobianAggregator):
     """GradDrop (NeurIPS 2020); see the module docstring.
 
     Diagnostics: ``kept_fraction`` (the fraction of (task, coordinate) gradient entries kept).

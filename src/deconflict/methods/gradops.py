@@ -51,7 +51,7 @@ from scipy.linalg import lapack
 
 from ..linalg import cosine_matrix, pivoted_cholesky_solve, task_norms
 from ._zero_update import note_zero_update
-from .base import Context, Diagnostics, Method
+from .base import Context, Diagnostics, GramianWeighting
 from .options import Option
 from .registry import register
 
@@ -231,7 +231,7 @@ def gradops_weights(
 
 
 @register
-class GradOPS(Method):
+class GradOPS(GramianWeighting):
     """GradOPS (Zhu et al., WSDM 2025, Algorithm 1, Eq. 1-5); see the module docstring.
 
     Options:

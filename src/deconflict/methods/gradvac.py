@@ -35,9 +35,9 @@ import torch
 from ..errors import ShapeError
 from ..linalg import to_numpy
 from .base import (
+    BlockWeighting,
     Context,
     Diagnostics,
-    Method,
     SeededRandomness,
 )
 from .options import Option
@@ -81,7 +81,7 @@ def vaccinate(
 
 
 @register
-class GradVac(SeededRandomness, Method):
+class GradVac(SeededRandomness, BlockWeighting):
     """GradVac (ICLR 2021); see the module docstring.
 
     Diagnostics: ``corrections`` (count), ``targets`` (phihat after the step) and

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..linalg import cosine_matrix, pivoted_cholesky_solve, task_norms
 from ._zero_update import note_zero_update
-from .base import Context, Diagnostics, Method
+from .base import Context, Diagnostics, GramianWeighting
 from .options import Option
 from .registry import register
 
@@ -74,7 +74,7 @@ def imtl_g_weights(M: np.ndarray, sign_guard: str) -> tuple[np.ndarray, Diagnost
 
 
 @register
-class IMTLG(Method):
+class IMTLG(GramianWeighting):
     """IMTL-G (Liu et al., ICLR 2021), closed form with a sign guard; see the module docstring.
 
     Options: ``sign_guard`` in {"flip", "mean", "off"} (default "flip").

@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import InvalidOptionError
 from ..linalg import task_norms
 from ..solvers import conflicts, dual_cone_weights, min_norm_solution
-from .base import Context, Diagnostics, Method
+from .base import Context, Diagnostics, GramianWeighting
 from .options import Option
 from .registry import register
 
@@ -68,7 +68,7 @@ def gradient_normalizers(M: np.ndarray, losses: np.ndarray | None, kind: str) ->
 
 
 @register
-class MGDA(Method):
+class MGDA(GramianWeighting):
     """MGDA with the exact min-norm solver; see the module docstring.
 
     Options: ``normalizer`` in {"none", "l2", "loss", "loss+"} (default "none"),

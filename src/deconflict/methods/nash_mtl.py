@@ -55,13 +55,13 @@ from ..solvers import (
     restricted_nash_weights,
     stationary_support,
 )
-from .base import Context, Diagnostics, Method
+from .base import Context, Diagnostics, GramianWeighting
 from .options import Option
 from .registry import register
 
 
 @register
-class NashMTL(Method):
+class NashMTL(GramianWeighting):
     """Nash-MTL (ICML 2022) with an exact Newton solver; see the module docstring.
 
     Diagnostics: ``alpha`` (the solver's iterate, before any repair or clipping),

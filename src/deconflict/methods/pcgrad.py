@@ -18,7 +18,7 @@ import numpy as np
 
 from ..linalg import normalized
 from ._zero_update import note_zero_update
-from .base import Context, Diagnostics, Method, SeededRandomness
+from .base import Context, Diagnostics, GramianWeighting, SeededRandomness
 from .options import Option
 from .registry import register
 
@@ -44,7 +44,7 @@ def pcgrad_weights(M: np.ndarray, orders: list[np.ndarray]) -> tuple[np.ndarray,
 
 
 @register
-class PCGrad(SeededRandomness, Method):
+class PCGrad(SeededRandomness, GramianWeighting):
     """PCGrad (Yu et al., NeurIPS 2020, Algorithm 1), summed; see the module docstring.
 
     Options: ``seed``: with an int, the partner orders come from a private generator seeded

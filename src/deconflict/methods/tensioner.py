@@ -45,7 +45,7 @@ from scipy.special import expit
 from ..errors import ShapeError
 from ..linalg import cosine_matrix, task_norms, to_numpy
 from ..solvers import min_norm_point
-from .base import Context, Diagnostics, Method
+from .base import Context, Diagnostics, GramianWeighting
 from .options import Option
 from .registry import register
 
@@ -160,7 +160,7 @@ def tensioner_step(
 
 
 @register
-class Tensioner(Method):
+class Tensioner(GramianWeighting):
     """The task tensioner (Nakamura, Grassi & Wolf, Eq. 2-8, Algorithms 1-2); see the module
     docstring.
 

@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..linalg import to_numpy
 from ..solvers import dual_cone_weights
-from .base import Context, Diagnostics, Method
+from .base import Context, Diagnostics, GramianWeighting
 from .options import Option
 from .registry import register
 
@@ -44,7 +44,7 @@ def preference_weights(method: str, pref_vector: Sequence[float] | None, T: int)
 
 
 @register
-class UPGrad(Method):
+class UPGrad(GramianWeighting):
     """UPGrad (Jacobian Descent, TorchJD); see the module docstring.
 
     Options: ``pref_vector`` (default 1/T each), ``reg_eps`` (default 0, TorchJD 1e-4).
