@@ -50,3 +50,7 @@ $D sweep census-income --method gradops --alpha=-5:5:6 --seeds 1 --set epochs=30
 #     --pair auc_income,auc_marital --quiet
 # $D compare census-income --methods sum,gradops:alpha=-3 --seeds 1 --set model=mmoe \
 #     --data "$DATA" --name compare_mmoe --quiet
+
+# CAGrad's toy at the paper's protocol (five starts, 100,000 Adam steps, c in {0, 0.2, 0.5, 0.8,
+# 10}, MGDA) and why c = 10 behaves like MGDA here (about 30 CPU-minutes; docs/results.md §1):
+bash docs/reproduce_cagrad_toy.sh

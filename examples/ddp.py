@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import deconflict
 from deconflict.distributed import broadcast_parameters, global_losses
+from deconflict.methods import AfterStep
 
 TASKS = 3
 
@@ -103,7 +104,7 @@ def main() -> None:
                 losses = [nn.functional.mse_loss(out[:, t], y[:, t]) for t in range(TASKS)]
                 deconflict.backward(losses, net.trunk, method, distributed=args.mode)
             optimizer.step()
-            if method.needs_losses_after_step:  # FAMO: the same losses on every rank
+            if isinstance(method, AfterStep):  # FAMO: the same losses on every rank
                 with torch.no_grad():
                     out = model(x)
                     after = [nn.functional.mse_loss(out[:, t], y[:, t]) for t in range(TASKS)]

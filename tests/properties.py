@@ -6,7 +6,11 @@ message that names the violated property and by how much.
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
+import pytest
 import torch
 
 import deconflict
@@ -269,3 +273,124 @@ def nnls_kkt_rtol(T: int) -> float:
     n_k sum_j n_j |v_j|: Householder QR's backward error on the at most 2T x T least squares,
     ~ 2 T^2 eps, plus T eps from the Tikhonov term and gamma_T from evaluating M v."""
     return (2 * T * T + 2 * T) * float(np.finfo(np.float64).eps)
+
+
+# ----------------------------------------------------- the CAGrad dual's KKT conditions
+EPS = float(np.finfo(np.float64).eps)
+
+
+def conflict_averse_tolerances(J, anchor, c, w, gw_norm):
+    """Per task i, the rounding error allowed in the dual's KKT condition g_i . D >= F(w).
+
+    With n_i = ||g_i||, tau = sum_k w_k n_k, rho = tau / ||g_w||, kappa = sum_k |a_k| n_k /
+    ||g_a|| (how much g_w and g_a cancel), r = c ||g_a|| and sigma = sum_k |a_k| n_k + r rho
+    (the terms that cancel in D = J^T c), forming M = J J^T (d terms per entry) and the solver's
+    T-term sums err by (6 T + 2 d + 8) eps (n_i + tau) sigma (as ``conflict_tolerances``);
+    ||g_w||^2 and ||g_a||^2 taken from M err by that factor times rho^2 and kappa^2 relative,
+    which moves g_i . D - F(w) by r (rho^2 + kappa^2) (n_i + ||g_w||) times it.
+    """
+    T, d = J.shape
+    n = np.linalg.norm(J, axis=1)
+    anchor_norm = float(np.linalg.norm(anchor @ J))
+    radius = c * anchor_norm
+    tau = float(w @ n)
+    rho = tau / gw_norm
+    l1 = float(np.abs(anchor) @ n)
+    sigma = l1 + radius * rho
+    spread = rho * rho + (l1 / anchor_norm) ** 2
+    return (6 * T + 2 * d + 8) * EPS * ((n + tau) * sigma + radius * spread * (n + gw_norm))
+
+
+def resolution_factor(J) -> float:
+    """Squared norms below this times the squared length of their terms are rounding noise in
+    M: the solver's cut (1e3 gamma_T, gamma_T = 4 (T + 2) eps) plus M's own error."""
+    T, d = J.shape
+    return (1e3 * 4 * (T + 2) + 6 * T + 2 * d + 8) * EPS
+
+
+def assert_conflict_averse_optimal(J, anchor, c, solution):
+    """The KKT conditions of the CAGrad dual on the original Gramian, within
+    ``conflict_averse_tolerances``: g_i . D >= F(w) for every task, = on the support, with
+    D = J^T (a + (c ||g_a|| / ||g_w||) w); ``gw_norm`` is ||J^T w||. A zero ``gw_norm`` must be
+    a vanishing combination (to the resolution of M) unless the ball is a point."""
+    M = J @ J.T
+    w = solution.weights
+    assert_on_simplex(w)
+    n = np.linalg.norm(J, axis=1)
+    tau = float(w @ n)
+    true_sq = float(np.linalg.norm(w @ J)) ** 2
+    if solution.gw_norm == 0.0:
+        l1 = float(np.abs(anchor) @ n)
+        if c > 0.0 and solution.anchor_norm ** 2 > resolution_factor(J) * l1 * l1:
+            assert true_sq <= resolution_factor(J) * tau * tau, (
+                f"gw_norm = 0 but ||J^T w|| = {math.sqrt(true_sq):.3e} (tau = {tau:.3e})")
+        return
+    assert abs(solution.gw_norm ** 2 - true_sq) <= (6 * J.shape[0] + 2 * J.shape[1] + 8) * (
+        EPS * tau * tau), f"gw_norm {solution.gw_norm:.6e} but ||J^T w|| = {true_sq ** 0.5:.6e}"
+    weights = anchor + (c * solution.anchor_norm / solution.gw_norm) * w
+    gradient = M @ weights  # g_i . D = dF/dw_i
+    value = float(w @ gradient)  # F(w)
+    tol = conflict_averse_tolerances(J, anchor, c, w, solution.gw_norm)
+    i = int(np.argmax((value - gradient) - tol))
+    assert gradient[i] >= value - tol[i], (
+        f"not optimal: task {i} has g_i . D = {gradient[i]:.6e} < F = {value:.6e} "
+        f"(allowed {tol[i]:.3e})")
+    support = np.flatnonzero(w > 0.0)
+    gap = np.abs(gradient[support] - value) - tol[support]
+    assert gap.max() <= 0.0, (
+        f"complementary slackness fails on task {int(support[np.argmax(gap)])}: "
+        f"{gradient[support]} vs F = {value:.6e}")
+
+
+def exhaustive_dual_optimum(J, anchor, c):
+    """(F*, w*) of the CAGrad dual for the exact J, in 60-digit arithmetic: the best of every
+    face's closed-form optimum (x0 - p ||x0|| / sqrt(r^2 - ||p||^2), from the bordered systems
+    [[M_SS, 1], [1^T, 0]] in M itself) whose weights are positive. The global optimum lies in
+    the relative interior of some face, where it is that face's affine optimum."""
+    mpmath = pytest.importorskip("mpmath")
+    mp = mpmath.mp
+    mp.dps = 60
+    T = J.shape[0]
+    Jm = mpmath.matrix(J.tolist())
+    M = Jm * Jm.T
+    a = mpmath.matrix(anchor.tolist())
+    b = M * a
+    radius = c * mpmath.sqrt((a.T * M * a)[0])
+
+    def value(w):
+        quadratic = mpmath.fsum(w[i] * M[i, j] * w[j] for i in range(T) for j in range(T))
+        return mpmath.fsum(w[i] * b[i] for i in range(T)) + radius * mpmath.sqrt(
+            max(quadratic, 0))
+
+    best, best_w = mpmath.inf, None
+    for k in range(1, T + 1):
+        for S in itertools.combinations(range(T), k):
+            system = mpmath.zeros(k + 1, k + 1)
+            for i, p in enumerate(S):
+                for j, q in enumerate(S):
+                    system[i, j] = M[p, q]
+                system[i, k] = system[k, i] = 1
+            try:
+                y = mpmath.lu_solve(system, mpmath.matrix([0] * k + [1]))
+                omega = mpmath.lu_solve(system, mpmath.matrix([b[p] for p in S] + [0]))
+            except (ZeroDivisionError, TypeError):  # affinely dependent: another face has it
+                continue
+
+            def quad(u, v, S=S, k=k):
+                return mpmath.fsum(u[i] * M[S[i], S[j]] * v[j] for i in range(k)
+                                   for j in range(k))
+
+            x0_sq, p_sq = max(quad(y, y), 0), quad(omega, omega)
+            if p_sq >= radius * radius:
+                continue
+            t = mpmath.sqrt(x0_sq / (radius * radius - p_sq))
+            w_S = [y[i] - omega[i] * t for i in range(k)]
+            if min(w_S) <= 0:
+                continue
+            w = [mpmath.mpf(0)] * T
+            for i, p in enumerate(S):
+                w[p] = w_S[i]
+            F = value(w)
+            if F < best:
+                best, best_w = F, w
+    return best, best_w, value

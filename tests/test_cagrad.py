@@ -9,7 +9,13 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from properties import assert_close_relative, assert_no_conflict, conflict_tolerances, update
+from properties import (
+    GOLDEN_RTOL,
+    assert_close_relative,
+    assert_no_conflict,
+    conflict_tolerances,
+    update,
+)
 from strategies import build_jacobian, build_stationary_jacobian, jacobians
 
 import deconflict
@@ -191,3 +197,16 @@ def test_fast_sampled_excludes_the_single_left_out_task():
 def test_degenerate_option_is_validated():
     with pytest.raises(deconflict.InvalidOptionError, match="degenerate"):
         deconflict.CAGrad(degenerate="zero")
+
+
+def test_small_task_gets_the_ball_when_norms_span_1e12():
+    """g1 = (1, 0), g2 = (0, e), e = 1e-12, c = 1/2, rescale 0: g2 improves least in the whole
+    ball, so CAGrad spends all of r = |g0| / 2 on it: D = g0 + r (0, 1), g0 = (1/2, e/2), and
+    g2 . D = e (e/2 + r) (the mean gradient gives only e^2 / 2). Before issue 13 the dual
+    treated ||g_w|| = e as zero and returned the mean gradient as 'stationary'."""
+    e = 1e-12
+    J = np.array([[1.0, 0.0], [0.0, e]])
+    c, diagnostics = deconflict.CAGrad(c=0.5, rescale=0).weights_with_diagnostics(J @ J.T)
+    assert not diagnostics["stationary"]
+    radius = 0.5 * math.sqrt(0.25 + e * e / 4)
+    np.testing.assert_allclose(c.numpy() @ J, [0.5, e / 2 + radius], rtol=GOLDEN_RTOL)

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 import deconflict
 from deconflict.distributed import global_losses
 from deconflict.errors import InvalidOptionError
+from deconflict.methods.base import AfterStep
 
 WORLD = 2
 BATCH = 8  # per rank
@@ -96,7 +97,7 @@ def trajectory(net: Net, method: Any, data: Callable[[int], tuple[torch.Tensor, 
         _, losses = task_losses(net, x, y)
         deconflict.backward(losses, net.trunk, method, **options)
         optimizer.step()
-        if method.needs_losses_after_step:
+        if isinstance(method, AfterStep):
             with torch.no_grad():
                 after = torch.stack(task_losses(net, x, y)[1])
             method.after_step(global_losses(after) if options.get("distributed") else after)

@@ -13,6 +13,7 @@ from properties import manual_jacobian
 from torch import nn
 
 import deconflict
+from deconflict.methods.base import LossWeighting
 
 TASKS = 3
 
@@ -56,7 +57,7 @@ def test_shared_grad_is_j_transpose_c_and_heads_get_their_own(name):
     expected_c = deconflict.get(name, **({"seed": 0} if name == "pcgrad" else {})).weights(
         J @ J.T, losses=torch.stack(losses).detach())
     head_expected = torch.autograd.grad(
-        sum((w if method.kind == "losses" else 1.0) * loss
+        sum((w if isinstance(method, LossWeighting) else 1.0) * loss
             for w, loss in zip(expected_c.tolist(), losses, strict=True)),
         heads, retain_graph=True)
 

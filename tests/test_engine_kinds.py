@@ -174,7 +174,7 @@ def test_loss_weighting_with_unit_heads_needs_per_task_gradients():
 
 def test_layer_keys_come_from_parameter_names():
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Sequential(nn.Linear(4, 2)))
-    from deconflict.engine import _named_leaves
+    from deconflict.engine import _named_leaves  # the engine's own reading of shared_params
 
     assert [layer for _, _, layer in _named_leaves(net)] == ["0", "0", "2.0", "2.0"]
     tensors = _named_leaves(list(net.parameters()))

@@ -7,6 +7,7 @@ layers called twice, 3-D inputs with in-place activations, and parameters owned 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -297,6 +298,42 @@ def test_tracker_records_only_differentiable_forward_passes_and_is_cleared():
     assert tracker.calls == []
     with pytest.raises(InvalidOptionError, match=r"deconflict\.track"):
         deconflict.backward(losses, trunk, "upgrad", mode="gramian")
+
+
+def test_tracked_is_a_property_of_the_trunk_not_of_the_process():
+    """auto mode reads the trunk it is given: tracking another module, or copying a tracked
+    one, changes nothing for it; remove() untracks."""
+    torch.manual_seed(0)
+    tracked, other = nn.Linear(3, 4), nn.Linear(3, 4)
+    tracker = deconflict.track(tracked)
+    assert deconflict.tracker_of(tracked) is tracker and deconflict.tracker_of(other) is None
+    duplicate = copy.deepcopy(tracked)
+    assert deconflict.tracker_of(duplicate) is None
+    assert deconflict.tracker_of(list(tracked.parameters())) is None
+    x = torch.randn(6, 3)
+    modes = []
+    for module in (tracked, other, duplicate):
+        z = module(x)
+        record = deconflict.backward([z[:, 0].mean(), z[:, 1].pow(2).mean()], module, "upgrad")
+        modes.append(record.mode)
+    assert modes == ["gramian", "sequential", "sequential"]
+    tracker.clear()  # the duplicate's hooks recorded into the original tracker
+    tracker.remove()
+    assert deconflict.tracker_of(tracked) is None
+    z = tracked(x)
+    record = deconflict.backward([z[:, 0].mean(), z[:, 1].pow(2).mean()], tracked, "upgrad")
+    assert record.mode == "sequential" and tracker.calls == []
+    assert deconflict.track(tracked) is not tracker  # tracking again makes a new tracker
+
+
+def test_a_step_consumes_the_records_of_a_tracked_trunk_in_every_mode():
+    """Records would otherwise keep each forward pass's graph alive."""
+    layer = nn.Linear(3, 2)
+    tracker = deconflict.track(layer)
+    for method, mode in [("graddrop", "auto"), ("upgrad", "sequential"), ("mean", "auto")]:
+        z = layer(torch.randn(4, 3))
+        deconflict.backward([z[:, 0].sum(), z[:, 1].sum()], layer, method, mode=mode)
+        assert tracker.calls == [], (method, mode)
 
 
 def test_tracker_warns_when_forward_passes_pile_up():

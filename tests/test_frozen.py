@@ -19,6 +19,8 @@ from properties import assert_close_relative, manual_jacobian
 from torch import nn
 
 import deconflict
+from deconflict.methods.base import LossWeighting
+from deconflict.update import weighs_by_gramian
 
 TASKS = 3
 RTOL = 1e-10
@@ -44,8 +46,7 @@ def losses_of(trunk, heads, x):
 
 
 def supported(name: str, options: dict, mode: str) -> bool:
-    kind = deconflict.get(name, **options).kind
-    return mode != "gramian" or kind in ("gramian", "losses")
+    return mode != "gramian" or weighs_by_gramian(deconflict.get(name, **options))
 
 
 CASES = [(name, options, mode) for name, options in METHODS for mode in MODES
@@ -62,7 +63,7 @@ def test_frozen_parameters_are_skipped_and_the_rest_gets_the_update(name, option
     z, losses = losses_of(trunk, heads, x)
     values = torch.stack(losses).detach()
     method, fresh = deconflict.get(name, **options), deconflict.get(name, **options)
-    kind = method.kind
+    loss_weighting = isinstance(method, LossWeighting)
     if mode == "features":
         J = manual_jacobian(losses, [z])
         update = deconflict.aggregate(J, fresh, losses=values)
@@ -79,7 +80,7 @@ def test_frozen_parameters_are_skipped_and_the_rest_gets_the_update(name, option
                                  "sequential", features=z if mode == "features" else None,
                                  retain_graph=True)  # for the heads' gradient below
 
-    assert record.mode == ("losses" if kind == "losses" else
+    assert record.mode == ("losses" if loss_weighting else
                            "sequential" if mode == "features" else mode)
     assert trunk[0].weight.grad is None and trunk[0].bias.grad is None
     assert trunk[4].bias.grad is None

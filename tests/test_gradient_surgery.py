@@ -12,6 +12,7 @@ from properties import assert_close_relative, rounding_scale, update
 from strategies import jacobians
 
 import deconflict
+from deconflict.methods import BlockWeighting
 from deconflict.methods.gradvac import vaccinate
 
 
@@ -50,7 +51,7 @@ def test_gradvac_with_zero_targets_is_pcgrad(J):
 @given(J=jacobians(kinds=("random", "conflicting", "norm_spread"), min_tasks=2, max_tasks=2,
                    scales=False))
 def test_gradvac_correction_reaches_the_target_exactly(J):
-    """METHODS.md Section 4: after a correction, cos(g'_i, g_j) equals phihat exactly."""
+    """docs/methods.md#gradvac: after a correction, cos(g'_i, g_j) equals phihat exactly."""
     M = J @ J.T
     target = 0.3
     C, new_targets, _ = vaccinate(M, np.full((2, 2), target), [np.array([1]), np.array([0])],
@@ -70,10 +71,12 @@ def test_gradvac_correction_reaches_the_target_exactly(J):
 
 def test_gradvac_granularity_groups():
     method = deconflict.GradVac(granularity="layer")
-    assert method.kind == "block_gramians"
+    assert isinstance(method, BlockWeighting) and not method.single_group
     assert method.group_blocks(["0", "0", "2", "2"]) == [0, 0, 1, 1]
     assert deconflict.GradVac(granularity="parameter").group_blocks(["0", "0", "2"]) == [0, 1, 2]
-    assert deconflict.GradVac().kind == "gramian"
+    whole = deconflict.GradVac()
+    assert isinstance(whole, BlockWeighting) and whole.single_group
+    assert whole.group_blocks(["0", "0", "2"]) == [0, 0, 0]
 
 
 # --------------------------------------------------------------------------------- GradDrop

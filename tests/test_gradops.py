@@ -268,7 +268,8 @@ def test_near_duplicates_keep_the_guarantee(cosine_gap):
 
 
 def test_norms_spanning_six_orders_agree_with_gram_schmidt():
-    """METHODS.md: an M-based pseudo-inverse was off by 60x here at alpha = -5; K-based is not."""
+    """An M-based pseudo-inverse was off by 60x here at alpha = -5; K-based is not
+    (docs/methods.md#gradops)."""
     rng = np.random.default_rng(3)
     J = build_jacobian("conflicting", 11, 5, 12, 0.0) * np.array([[1e-3], [1e3], [1.0], [30.0],
                                                                    [1e-2]])

@@ -29,7 +29,7 @@ def exact_gramian(J: torch.Tensor) -> torch.Tensor:
 
 
 def test_float32_jacobian_gets_a_float64_accurate_gramian():
-    """METHODS.md: fp32 matmul loses projection methods; fp64 accumulation does not."""
+    """docs/methods.md#gramian: fp32 matmul loses projection methods; fp64 accumulation does not."""
     J = nearly_collinear_float32()
     exact = exact_gramian(J)
     ours = deconflict.gramian(J)

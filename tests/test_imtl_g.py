@@ -43,7 +43,7 @@ def test_golden_two_tasks():
 
 
 def sign_flipping_jacobian() -> np.ndarray:
-    """A well-conditioned case where 1^T M^-1 n < 0 (METHODS.md: ~4% of random draws)."""
+    """A well-conditioned case where 1^T M^-1 n < 0 (~4% of draws; docs/methods.md#imtl_g)."""
     rng = np.random.default_rng(0)
     for _ in range(2000):
         J = rng.standard_normal((3, 4)) * np.exp(rng.uniform(-1, 1, (3, 1)))

@@ -35,6 +35,7 @@ from deconflict.lightning import (
     load_method_state,
     save_method_state,
 )
+from deconflict.methods import AfterStep, EpochEnd
 
 pytestmark = [
     # The example's four in-memory batches need no loader workers.
@@ -172,8 +173,9 @@ def test_the_stored_state_loads_with_weights_only(name):
         features = trunk(torch.randn(8, 4))
         losses = [features[:, t].pow(2).mean() for t in range(3)]
         deconflict.backward(losses, trunk, method)
-        method.after_step(torch.stack(losses).detach() * 0.9)
-        if hasattr(method, "end_epoch"):
+        if isinstance(method, AfterStep):
+            method.after_step(torch.stack(losses).detach() * 0.9)
+        if isinstance(method, EpochEnd):
             method.end_epoch()
     if name == "famo":  # mid-step, with its pending NumPy losses
         features = trunk(torch.randn(8, 4))

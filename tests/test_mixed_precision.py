@@ -14,14 +14,16 @@ from properties import manual_jacobian, same_state
 from torch import nn
 
 import deconflict
+from deconflict.methods.base import AfterStep, LossWeighting
 from deconflict.methods.registry import method_class
+from deconflict.update import weighs_by_gramian
 
 TASKS = 3
 BF16 = torch.bfloat16
 ALL_METHODS = deconflict.available()
 # Every method in sequential mode, and in Gramian-only mode those that need only M (or losses).
 STEP_CASES = [(name, mode) for name in ALL_METHODS for mode in ("sequential", "gramian")
-              if mode == "sequential" or (deconflict.get(name).kind in ("gramian", "losses")
+              if mode == "sequential" or (weighs_by_gramian(deconflict.get(name))
                                           and not deconflict.get(name).needs_features)]
 
 
@@ -92,7 +94,7 @@ def train_step(net, x, y, m, *, mode="sequential", scaler=None, dtype=BF16, lr=0
     else:
         scaler.step(optimizer)
         scaler.update()
-    if m.needs_losses_after_step and not record.skipped:
+    if isinstance(m, AfterStep) and not record.skipped:
         with torch.no_grad():
             m.after_step(torch.stack(task_losses(net, x, y, dtype)[1]))
     return record
@@ -111,7 +113,7 @@ def test_bf16_autocast_training_step_runs_for_every_method(name, mode, conv):
     trunk_before, heads_before = flat_params(net.trunk), flat_params(net.heads)
     for _ in range(2):  # the second step sees the state of stateful methods
         record = train_step(net, x, y, m, mode=mode, inside=conv)
-    assert record.mode == ("losses" if m.kind == "losses" else mode)
+    assert record.mode == ("losses" if isinstance(m, LossWeighting) else mode)
     assert not record.skipped
     for after, before in [(flat_params(net.trunk), trunk_before),
                           (flat_params(net.heads), heads_before)]:

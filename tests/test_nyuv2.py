@@ -376,3 +376,121 @@ def test_mtan_refuses_representation_mode(nyuv2_root):
     config["model"] = "unet"
     with pytest.raises(InvalidOptionError, match="model must be one of segnet, mtan"):
         problem.train(lambda: deconflict.GradOPS(), config, 0, torch.device("cpu"))
+
+
+# ------------------------------------------------------------- Recon on SegNet and MTAN
+def _numel(parameters) -> int:
+    return sum(p.numel() for p in parameters)
+
+
+@pytest.mark.parametrize(("model", "layers"), [
+    ("segnet", ["encoder_first.1"]), ("segnet", ["encoder_rest.0", "decoder_first.1"]),
+    ("mtan", ["trunk.encoder_first.1"]), ("mtan", ["encoder_blocks.0", "decoder_blocks.1"]),
+])
+def test_branched_training_on_segnet_and_mtan(nyuv2_root, model, layers):
+    problem = NYUv2()
+    config = problem.resolve_config({"data": str(nyuv2_root), "model": model,
+                                     "branch": layers}, smoke=True)
+    plain_config = {**config, "branch": []}
+    data = problem.load(config)
+    plain = problem.model_for(plain_config, TASKS, data, seed=0)
+    copied = _numel(p for layer in layers for p in plain.shared.get_submodule(layer).parameters())
+    branched = problem.model_for(config, TASKS, data, seed=0)
+    assert _numel(branched.parameters()) == _numel(plain.parameters()) + 2 * copied
+    shared = _numel(p for _, p in branched.shared_parameters())
+    assert shared == _numel(p for _, p in plain.shared_parameters()) - copied
+    result = problem.train(lambda: deconflict.GradOPS(), config, seed=0,
+                           device=torch.device("cpu"))
+    assert all(math.isfinite(v) for v in result.metrics["test"].values()), result.metrics
+    assert result.statistics["shared_parameters"] == shared
+    assert result.statistics["strong_non_conflict_fraction"] == 1.0
+
+
+def test_branched_mtan_computes_the_original_and_splits_the_gradients(monkeypatch):
+    from deconflict.recon import BranchedModule
+
+    torch.manual_seed(0)
+    model = MTAN(TASKS, filters=[4, 8]).eval()
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(x)[1]
+    with monkeypatch.context() as patch:  # keep the copies at the original weights
+        patch.setattr(BranchedModule, "reset_branches", lambda self: None)
+        model.branch(["trunk.encoder_first.1", "decoder_blocks.0"], len(TASKS))
+    assert not hasattr(model, "attention")
+    for task, out in model(x)[1].items():
+        torch.testing.assert_close(out, expected[task], rtol=0, atol=1e-5)
+    # Each task's attention path (its first decoder mask's convolution, a leaf of the traced
+    # body) runs once per forward pass, in its own stream.
+    calls = []
+    for task in TASKS:
+        model.shared.trunk.get_submodule(f"attention.{task}.decoder.0.0").register_forward_hook(
+            lambda *_, task=task: calls.append(task))
+    model.train()
+    _, outputs = model(x)
+    assert sorted(calls) == sorted(TASKS)
+    shared = {id(p) for _, p in model.shared_parameters()}
+    assert not any(n.startswith("attention.") for n, _ in model.shared_parameters())
+    for t, task in enumerate(TASKS):
+        model.zero_grad(set_to_none=True)
+        _, outputs = model(x)
+        outputs[task].square().mean().backward()
+        for other in range(len(TASKS)):
+            for name, p in model.shared.task_parameters(other):
+                assert (p.grad is not None and bool(p.grad.any())) == (other == t), name
+        for name, p in model.named_parameters():
+            if id(p) in shared:
+                assert p.grad is not None and p.grad.abs().sum() > 0, (task, name)
+    with pytest.raises(InvalidOptionError, match="branched already"):
+        model.branch(["encoder_blocks.1"], len(TASKS))
+
+
+# ------------------------------------------------------------------ learning-rate schedule
+def test_learning_rate_is_halved_after_epoch_100_like_step_lr():
+    problem = NYUv2()
+    config = problem.resolve_config()
+    assert (config["lr"], config["lr_step"], config["lr_decay"]) == (1e-4, 100, 0.5)
+    # torch's StepLR(step_size=100, gamma=0.5), stepped once per epoch as in the MTAN code.
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100, gamma=0.5)
+    reference = {}
+    for epoch in range(202):
+        reference[epoch] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+    for epoch in (0, 99, 100, 101, 199, 200, 201):
+        assert problem.learning_rate(config, epoch) == pytest.approx(reference[epoch],
+                                                                     rel=1e-15)
+    assert problem.learning_rate(config, 99) == 1e-4
+    assert problem.learning_rate(config, 100) == problem.learning_rate(config, 101) == 5e-5
+    assert problem.learning_rate({**config, "lr_step": None}, 150) == 1e-4
+
+
+def test_training_uses_each_epochs_learning_rate(nyuv2_root, monkeypatch):
+    problem = NYUv2()
+    config = problem.resolve_config({"data": str(nyuv2_root), "epochs": 3, "lr_step": 1,
+                                     "lr_decay": 0.25}, smoke=True)
+    seen: list[tuple[int, float]] = []
+    step_losses = problem.step_losses
+
+    def recording(run, inputs, targets):
+        optimizer = problem._optimizers[run.model]
+        seen.append((run.epoch, optimizer.param_groups[0]["lr"]))
+        return step_losses(run, inputs, targets)
+
+    monkeypatch.setattr(problem, "step_losses", recording)
+    problem.train(lambda: deconflict.Sum(), config, 0, torch.device("cpu"))
+    # 4 images, batch 2: two steps per epoch at lr 1e-3 * 0.25^epoch.
+    assert seen == [(e, pytest.approx(1e-3 * 0.25 ** e, rel=1e-15)) for e in (0, 0, 1, 1, 2, 2)]
+
+
+def test_branched_models_still_check_the_input_size():
+    for model in (SegNet(TASKS, filters=[4, 8]), MTAN(TASKS, filters=[4, 8])):
+        if isinstance(model, MTAN):
+            model.branch(["trunk.encoder_first.1"], len(TASKS))
+        else:
+            from deconflict.recon import branch
+
+            model.shared = branch(model.shared, ["encoder_first.1"], len(TASKS))
+        with pytest.raises(ShapeError, match="H, W >= 4"):
+            model(torch.randn(1, 3, 2, 2))

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from deconflict import InvalidOptionError, UnsupportedModelError
 from deconflict.recon import BranchedModule, branch
+from deconflict.recon.branch import TaskTrunk
 
 
 def mlp() -> nn.Sequential:
@@ -369,3 +370,68 @@ def test_bad_options() -> None:
 
 def test_unsupported_model_error_is_a_value_error() -> None:
     assert issubclass(UnsupportedModelError, ValueError)
+
+
+# ----------------------------------------------------------------- trunks with task outputs
+class TwoTaskTrunk(TaskTrunk):
+    """A shared stem, a shared middle layer, and one gate per task (task-specific) on it."""
+
+    task_specific = ("gates",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 6)
+        self.middle = nn.Linear(6, 6)
+        self.gates = nn.ModuleList(nn.Linear(6, 3) for _ in range(2))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = torch.tanh(self.middle(torch.tanh(self.stem(x))))
+        return self.gates[0](h), self.gates[1](h)
+
+
+def test_a_task_trunk_keeps_its_output_and_each_stream_computes_its_entry_only():
+    torch.manual_seed(0)
+    original = TwoTaskTrunk()
+    branched = branch(original, ["middle"], 2)
+    x = torch.randn(5, 4)
+    out = branched(x)
+    expected = original(x)
+    assert isinstance(out, tuple) and len(out) == 2
+    for got, want in zip(out, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # Stream t calls its copy of the middle layer and only task t's gate: 2 gate calls, not 4.
+    calls: list[str] = []
+    for t in range(2):
+        branched.trunk.get_submodule(f"gates.{t}").register_forward_hook(
+            lambda *_, t=t: calls.append(f"g{t}"))
+        branched.branches["middle"][t].register_forward_hook(
+            lambda *_, t=t: calls.append(f"m{t}"))
+    branched(x)
+    assert sorted(calls) == ["g0", "g1", "m0", "m1"]
+    branched.reset_branches()
+    for t in range(2):
+        h = torch.tanh(branched.branches["middle"][t](torch.tanh(branched.trunk.stem(x))))
+        torch.testing.assert_close(branched(x)[t], branched.trunk.get_submodule(f"gates.{t}")(h))
+
+
+def test_a_task_trunks_task_specific_modules_are_not_shared_nor_branchable():
+    original = TwoTaskTrunk()
+    assert [n for n, _ in original.shared_parameters()] == [
+        "stem.weight", "stem.bias", "middle.weight", "middle.bias"]
+    branched = branch(original, ["stem"], 2)
+    assert [n for n, _ in branched.shared_parameters()] == ["middle.weight", "middle.bias"]
+    assert branched.task_specific == ("gates",)
+    with pytest.raises(UnsupportedModelError, match=r"'gates\.1' .*is or holds the "
+                       r"task-specific module 'gates'"):
+        branch(original, ["gates.1"], 2)
+
+
+def test_a_task_trunk_must_return_one_entry_per_task():
+    class Three(TwoTaskTrunk):
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            a, b = super().forward(x)
+            return a, b, a + b  # type: ignore[return-value]
+
+    with pytest.raises(UnsupportedModelError, match=r"one entry per task \(2\); it returns "
+                       r"tuple of 3"):
+        branch(Three(), ["middle"], 2)

@@ -44,11 +44,30 @@ def test_neutral_settings_keep_earlier_run_keys():
     assert config_key({**config, "branch": ["latent.1"]}) != config_key(config)
 
 
-def test_branching_a_model_without_a_trunk_is_a_clear_error(census_data):
-    problem = get_problem("census-income")
-    config = problem.resolve_config({"model": "mmoe", "branch": ["0.0"]}, smoke=True)
+def test_branching_a_model_without_a_trunk_is_a_clear_error():
+    problem = get_problem("xor-and")
+    config = problem.resolve_config({"branch": ["0"]}, smoke=True)
     with pytest.raises(InvalidOptionError, match="no single shared trunk"):
         problem.model_for(config, problem.tasks(config), problem.load(config), 0)
+
+
+def test_mixture_of_experts_models_branch(census_data):
+    """MMoE's experts are one module that every task reaches: Recon can branch its layers."""
+    from deconflict.recon import BranchedModule
+
+    problem = get_problem("census-income")
+    config = problem.resolve_config({"model": "mmoe", "branch": ["0.0"]}, smoke=True)
+    model = problem.model_for(config, problem.tasks(config), problem.load(config), 0)
+    assert isinstance(model.shared, BranchedModule)
+
+
+def test_settings_added_with_the_architectures_keep_earlier_run_keys():
+    """The census-income key of the default configuration is the one its records had before
+    task_experts, levels, k and gamma existed (computed at commit f081658)."""
+    problem = get_problem("census-income")
+    assert config_key(problem.resolve_config(), problem.settings()) == "bb5e57f0cc"
+    changed = problem.resolve_config({"levels": 3})
+    assert config_key(changed, problem.settings()) != "bb5e57f0cc"
 
 
 @pytest.mark.parametrize("problem", ["digits", "census-income"])

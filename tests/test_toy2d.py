@@ -100,12 +100,28 @@ def test_closed_form_matches_autograd_fuzzed(x1, x2):
 def test_every_method_leaves_the_origin():
     """From the CAGrad paper's start (0, 0), where both losses are 0, every method moves
     (before the fix the closed-form gradient was 0 there, so none did); a method whose default
-    divides by the losses says so instead."""
-    divide_by_losses = {"mgda_ub"}  # its default normalizer is 'loss+'
+    divides by the losses, or needs more than two tasks, says so instead."""
+    refused = {
+        "mgda_ub": (deconflict.InvalidOptionError, "not positive"),  # default normalizer 'loss+'
+        "geometric_mean": (deconflict.InvalidOptionError, "needs positive losses"),  # G/(T L_i)
+        "krum": (deconflict.ShapeError, "at least n_byzantine \\+ 3"),  # a robust selection
+        "cosmos": (deconflict.InvalidOptionError, "undefined when every loss is 0"),  # cos(r, L)
+        "moco": (deconflict.InvalidOptionError, "needs positive losses"),  # L_i g_i / ||g_i||
+    }
+    for name in ("log_losses", "mgda_log", "cagrad_log", "imtl_g_log", "si_ls"):  # log L_i
+        refused[name] = (deconflict.InvalidOptionError, "needs positive losses")
+    # PBI's distance penalty is not smooth on its preference ray, where the origin lies (equal
+    # losses): the iterates leave it, then chatter across the ray; its first step still moves.
+    chatters = {"pbi"}
     for name in deconflict.available():
-        if name in divide_by_losses:
-            with pytest.raises(deconflict.InvalidOptionError, match="not positive"):
+        if name in refused:
+            error, message = refused[name]
+            with pytest.raises(error, match=message):
                 optimize([deconflict.get(name)], [(0.0, 0.0)], 20)
+            continue
+        if name in chatters:
+            first = optimize([deconflict.get(name)], [(0.0, 0.0)], 1)[0, -1]
+            assert np.linalg.norm(first) > 1e-4, name  # one Adam step of lr 1e-3
             continue
         final = optimize([deconflict.get(name)], [(0.0, 0.0)], 20)[0, -1]
         # 20 Adam steps of lr 1e-3 move about 0.02 along a steady gradient.

@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .aggregate import aggregate
 from .diagnostics import ConflictMonitor, StepConflicts, step_conflicts
-from .engine import StepRecord, backward
+from .engine import backward
 from .errors import (
     DataFormatError,
     DataNotFoundError,
@@ -35,6 +35,8 @@ from .errors import (
 )
 from .gramian import combine, gramian
 from .methods import (
+    COSMOS,
+    CRMOGM,
     DBMTL,
     DWA,
     FAMO,
@@ -42,35 +44,56 @@ from .methods import (
     IMTLL,
     MGDA,
     MGDAUB,
+    PBI,
     RLW,
+    SILS,
+    STCH,
     AlignedMTL,
+    AlignedMTLUB,
     CAGrad,
     CAGradFast,
+    CAGradLog,
+    ConFIG,
     DualProj,
+    ExcessMTL,
+    FairGrad,
+    GeometricMean,
     GradDrop,
     GradNorm,
     GradOPS,
+    GradOPSStatic,
     GradVac,
+    IMTLGLog,
+    Krum,
+    LogLosses,
     Mean,
     Method,
+    MGDALog,
+    MoCo,
+    MoDo,
     NashMTL,
     PCGrad,
+    SDMGrad,
     Sum,
     Tensioner,
+    TrimmedMean,
     UncertaintyWeighting,
     UPGrad,
     available,
     get,
 )
+from .record import StepRecord
 
 try:
     __version__ = version("deconflict")
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+unknown"
 
-from .tracking import LayerTracker, track
+from .tracking import LayerTracker, track, tracker_of
 
 __all__ = [
+    "COSMOS",
+    "CRMOGM",
     "DBMTL",
     "DWA",
     "FAMO",
@@ -78,10 +101,16 @@ __all__ = [
     "IMTLL",
     "MGDA",
     "MGDAUB",
+    "PBI",
     "RLW",
+    "SILS",
+    "STCH",
     "AlignedMTL",
+    "AlignedMTLUB",
     "CAGrad",
     "CAGradFast",
+    "CAGradLog",
+    "ConFIG",
     "ConflictMonitor",
     "DataFormatError",
     "DataNotFoundError",
@@ -90,24 +119,36 @@ __all__ = [
     "DisconnectedLossError",
     "DistributedError",
     "DualProj",
+    "ExcessMTL",
+    "FairGrad",
+    "GeometricMean",
     "GradDrop",
     "GradNorm",
     "GradOPS",
+    "GradOPSStatic",
     "GradVac",
+    "IMTLGLog",
     "InvalidGramianError",
     "InvalidOptionError",
+    "Krum",
     "LayerTracker",
+    "LogLosses",
+    "MGDALog",
     "Mean",
     "Method",
+    "MoCo",
+    "MoDo",
     "NashMTL",
     "NonFiniteError",
     "NonFiniteGradientError",
     "PCGrad",
+    "SDMGrad",
     "ShapeError",
     "StepConflicts",
     "StepRecord",
     "Sum",
     "Tensioner",
+    "TrimmedMean",
     "UPGrad",
     "UncertaintyWeighting",
     "UnknownMethodError",
@@ -122,4 +163,5 @@ __all__ = [
     "gramian",
     "step_conflicts",
     "track",
+    "tracker_of",
 ]

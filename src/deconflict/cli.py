@@ -16,6 +16,7 @@ whose name equals a flag of the command is refused in flag form: it must be writ
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import sys
 from collections.abc import Sequence
@@ -24,25 +25,33 @@ from typing import Any, NoReturn
 from .errors import DeconflictError
 from .methods.registry import available, method_class
 
-INPUTS = {
-    "losses": "losses only",
-    "gramian": "Gramian",
-    "block_gramians": "Gramian per layer",
-    "jacobian": "task gradients",
-}
-
 # The subcommands whose --name value tokens that are not their own flags are method options.
 METHOD_OPTION_COMMANDS = ("run", "compare", "sweep", "diagnose", "recon")
 
+# The modules of the `experiments` extra (pyproject.toml): progress bars, plots and the digits
+# data set. The library never imports them; these subcommands do, so they check first and say
+# what to install rather than fail with a traceback halfway through a run.
+EXPERIMENTS_EXTRA = ("matplotlib", "tqdm", "sklearn")
+EXPERIMENT_COMMANDS = ("demo", *METHOD_OPTION_COMMANDS)
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+
+def missing_modules(names: Sequence[str] = EXPERIMENTS_EXTRA) -> list[str]:
+    """The modules of ``names`` that cannot be imported here (found without importing them)."""
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a finder that refuses it; a module without a spec
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def _needs_extra(command: str, missing: Sequence[str]) -> int:
+    print(f"deconflict {command}: needs the experiments extra: pip install "
+          f"'deconflict[experiments]' (missing: {', '.join(missing)})", file=sys.stderr)
+    return 2
 
 
 def _command_demo(args: argparse.Namespace) -> int:
@@ -65,13 +74,10 @@ def method_table() -> list[dict[str, str]]:
         cls = method_class(name)
         method = cls()
         seeded = any(option.name == "seed" for option in cls.OPTIONS)
-        needs = INPUTS[method.kind]
-        if method.kind == "losses" and method.gradient_scope != "none":
-            needs = "last-layer Gramian" if method.gradient_scope == "last_layer" else "Gramian"
         rows.append({
             "name": name,
             "family": cls.family,
-            "input": needs,
+            "input": method.inputs,  # what its protocol computes from, in words
             "state": "yes" if cls.stateful else ("RNG" if seeded else "no"),
             "options": ", ".join(option.name for option in cls.OPTIONS) or "-",
             "summary": cls.summary,
@@ -155,6 +161,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``deconflict`` parser; building it imports no module of the experiments extra."""
+    from .experiments import commands as experiment
+    from .experiments.commands import positive_int
+    from .experiments.conflict_commands import add_commands
+
     parser = _Parser(
         prog="deconflict",
         description="Multi-task learning without conflicting gradients.",
@@ -170,9 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="deconflict-demo",
                       help="output directory (default: %(default)s)")
-    demo.add_argument("--steps", type=_positive_int, default=20_000,
+    demo.add_argument("--steps", type=positive_int, default=20_000,
                       help="Adam steps per trajectory (default: %(default)s)")
-    demo.add_argument("--workers", type=_positive_int, default=None,
+    demo.add_argument("--workers", type=positive_int, default=None,
                       help="worker processes (default: up to 2, one per core)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(handler=_command_demo)
@@ -191,8 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--markdown", action="store_true", help="print a Markdown table")
     methods.set_defaults(handler=_command_methods)
 
-    from .experiments import commands as experiment
-
     run = commands.add_parser(
         "run", help="train one method on a benchmark problem (per seed), record the results",
         description="Train METHOD on PROBLEM for each seed and write one JSON record per run to "
@@ -207,14 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=experiment.command_run)
 
     compare = commands.add_parser(
-        "compare", help="a table of several methods: mean +- std, Delta_m%%, mean rank",
-        description="Run (or reuse) every method and seed, then write OUT/PROBLEM/NAME.md and "
-        ".csv: each metric's mean +- standard deviation over seeds on the test split, Delta_m% "
+        "compare", help="a table of several methods: mean +- SE, Delta_m%%, mean rank",
+        description="Run (or reuse) every method and seed, then write OUT/PROBLEM/NAME.md, .csv "
+        "and .json: each metric's mean +- standard error (n) over seeds on the test split, "
+        "paired comparisons with --paired-with NAME over the same seeds, Delta_m% "
         "against the single-task baseline (trained automatically), the mean rank, and the "
         "fraction of training steps with strong / weak non-conflict. Methods are comma "
         "separated, options as name:key=value, e.g. --methods sum,mgda,gradops:alpha=-3.",
     )
     experiment.add_common(compare)
+    experiment.add_statistics(compare)
     compare.add_argument("--methods", required=True,
                          help="comma-separated method specs, e.g. sum,cagrad:c=0.2")
     compare.add_argument("--name", default="compare", help="report file name (default compare)")
@@ -232,13 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         "name:key=value) are fixed.",
     )
     experiment.add_common(sweep)
+    experiment.add_statistics(sweep)
     sweep.add_argument("--method", required=True,
                        help="a method name, optionally with fixed options: name:key=value")
     sweep.add_argument("--pair", default=None,
                        help="the two task metrics of the scatter plot, e.g. auc_income,auc_marital")
     sweep.set_defaults(handler=experiment.command_sweep)
-
-    from .experiments.conflict_commands import add_commands
 
     add_commands(commands)
     return parser
@@ -295,12 +305,11 @@ def split_method_options(
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     parsers = subcommands(parser)
     position = next((k for k, token in enumerate(argv) if not token.startswith("-")), None)
-    command = argv[position] if position is not None else None
-    if command not in METHOD_OPTION_COMMANDS:
+    if position is None or argv[position] not in METHOD_OPTION_COMMANDS:
         args = parser.parse_args(argv)
         args.method_options, args.typed_flags = [], set()
         return args
-    sub = parsers[command]
+    sub = parsers[argv[position]]
     own, options, typed = split_method_options(sub, argv[position + 1:])
     args = parser.parse_args([*argv[:position + 1], *own])
     args.method_options, args.typed_flags = options, typed
@@ -328,8 +337,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a usage error already printed in one line
         return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
     args.command_line = "deconflict " + " ".join(shlex.quote(a) for a in argv)
+    if args.command in EXPERIMENT_COMMANDS and (missing := missing_modules()):
+        return _needs_extra(args.command, missing)
     try:
         return args.handler(args)
+    except ModuleNotFoundError as error:  # an extra's module found above but broken at import
+        root = (error.name or "").partition(".")[0]
+        if root not in EXPERIMENTS_EXTRA:
+            raise
+        return _needs_extra(args.command, [root])
     except DeconflictError as error:
         print("deconflict: error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2

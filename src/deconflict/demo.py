@@ -107,12 +107,12 @@ def run_trajectories(jobs: list[Job], steps: int, workers: int, show_progress: b
         bar.close()
         for process in processes:
             process.join(timeout=5)
-    ordered = [None] * len(jobs)
+    by_position: dict[int, np.ndarray] = {}
     for k in range(len(chunks)):
         for position, job_points in zip(range(k, len(jobs), len(chunks)), outputs[k],
                                         strict=True):
-            ordered[position] = job_points
-    return np.stack(ordered)
+            by_position[position] = job_points
+    return np.stack([by_position[position] for position in range(len(jobs))])
 
 
 def results_table(finals: list[dict[str, Any]], steps: int) -> str:
@@ -120,7 +120,7 @@ def results_table(finals: list[dict[str, Any]], steps: int) -> str:
     lines = [
         "# deconflict demo: the 2-D toy problem",
         "",
-        "CAGrad paper Section 5.1 (losses: EXPERIMENTS.md Section 1). Adam, lr "
+        "CAGrad paper Section 5.1 (the losses of its authors' code). Adam, lr "
         f"{LEARNING_RATE:g}, {steps:,} steps from each start point. The Pareto set is the segment "
         "from (-7, -8.3552) to (7, -8.3552); the mean loss is lowest near (0, -8.3552).",
         "",

@@ -46,33 +46,35 @@ parameters reached, n elements of one rank's features); ``StepRecord.communicati
 Gradient accumulation: only what the call adds is averaged (the existing ``.grad`` of the
 tensors the losses reach is set aside during the call and added back).
 
-How the engine uses this module: ``backward(..., distributed=...)`` hands its single-process
-step to ``run_step``, which runs it inside a step that the engine's hooks find with
-``active_step()``: ``handshake`` (the losses), ``prepare`` (what will
-be averaged), ``exchange`` (the Jacobian blocks) and ``local_part`` (representation mode's
-update).
+How the engine uses this module: ``backward(..., distributed=...)`` builds a reducer
+(``reducer_for``: ``NO_REDUCER``, or a ``ProcessGroupReducer`` in "exact" or "local" mode; a
+reducer instance may also be passed as ``distributed=``). The step plan carries it, and the
+engine runs its step inside ``reducer.step(method)``, calling the step's methods at fixed
+points, in this order, whatever the reducer: ``handshake`` (the losses), ``prepare`` (what will
+be averaged), ``exchange`` (the Jacobian blocks), ``local_part`` (representation mode's update)
+and, after the step, ``finish`` (the record's communication). Leaving the ``with`` block
+all-reduces what the step wrote (or tells the other ranks it failed) and puts the set-aside
+gradients back.
 """
 
 from __future__ import annotations
 
 import pickle
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import graph
 from .errors import DistributedError, InvalidOptionError, NonFiniteError, ShapeError
 from .kernels import Rows
-from .methods.base import Method, SeededRandomness
-
-if TYPE_CHECKING:
-    from .engine import StepRecord
+from .methods.base import JacobianAggregator, Method, SeededRandomness
+from .record import Communication, StepRecord
 
 DISTRIBUTED_MODES = ("exact", "local")
 # Small tensors are concatenated into buckets of this size for one all-reduce each (DDP's default
@@ -80,76 +82,157 @@ DISTRIBUTED_MODES = ("exact", "local")
 _BUCKET_BYTES = 25 * 2**20
 # Per method instance, the process group its state was last broadcast over.
 _SYNCED: weakref.WeakKeyDictionary[Method, Any] = weakref.WeakKeyDictionary()
-_ACTIVE: ContextVar[_Sync | None] = ContextVar("deconflict_distributed_step", default=None)
 
 
-@dataclass(frozen=True)
-class Communication:
-    """What one distributed ``backward`` call exchanged: this rank's contribution.
+class Reducer:
+    """Data parallelism of one step: this base is no communication (this process only).
 
-    Elements and bytes are the payload each rank puts into the collectives (a ring all-reduce
-    moves about 2 (R - 1) / R times its payload in and out of each rank; an all-gather receives
-    R - 1 times it).
+    ``step(method)`` is a context manager giving the step's collectives; the engine calls them
+    at fixed points (see the module docstring). Here each one hands its input back.
+
+    >>> import deconflict
+    >>> with NO_REDUCER.step(deconflict.get("mean")) as step:
+    ...     step.handshake(torch.tensor([1.0, 2.0]), [], None, False)
+    tensor([1., 2.])
     """
 
-    mode: str
-    world_size: int
-    all_reduce_elements: int = 0
-    all_reduce_bytes: int = 0
-    all_gather_elements: int = 0
-    all_gather_bytes: int = 0
-    broadcast_bytes: int = 0
-    collectives: int = 0
+    mode: str | None = None
 
     @property
-    def bytes(self) -> int:
-        """The total payload in bytes."""
-        return self.all_reduce_bytes + self.all_gather_bytes + self.broadcast_bytes
+    def exact(self) -> bool:
+        """Whether the update is the single-process update on the global batch."""
+        return self.mode == "exact"
+
+    @contextmanager
+    def step(self, method: Method) -> Iterator[StepSync]:
+        """The collectives of one ``backward`` call with ``method``."""
+        yield _LOCAL_STEP
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
-def run_step(
-    step: Callable[[], StepRecord], method: Method, distributed: str | None,
-    process_group: Any,
-) -> StepRecord:
-    """``step()`` (the engine's single-process backward with ``method``) as one distributed
-    step (see the module docstring)."""
+class StepSync:
+    """The collectives of one step, without a process group: every one is the identity."""
+
+    def handshake(self, loss_values: Tensor, losses: Sequence[Tensor], features: Any,
+                  overflow_skips: bool) -> Tensor:
+        """The losses the method sees (here: this process's)."""
+        return loss_values
+
+    def prepare(self, per_task: bool, features: bool, exchanges: bool,
+                shared: Sequence[tuple[str, Tensor, str]]) -> None:
+        """Decide what the call's gradients need (nothing to average here)."""
+
+    def exchange(self, blocks: list[Rows], features: list[Tensor] | None
+                 ) -> tuple[list[Rows], list[Tensor] | None]:
+        """The Jacobian blocks (and features) the method sees."""
+        return blocks, features
+
+    def local_part(self, updates: list[Tensor]) -> list[Tensor]:
+        """This process's part of the features update."""
+        return updates
+
+    def finish(self, record: StepRecord) -> StepRecord:
+        """The record, with what the step exchanged."""
+        return record
+
+
+_LOCAL_STEP = StepSync()
+NO_REDUCER = Reducer()
+
+
+@dataclass(frozen=True, repr=False)
+class ProcessGroupReducer(Reducer):
+    """``distributed="exact"`` or ``"local"`` over a process group (None: the default group).
+
+    Build it once and pass it as ``backward(..., distributed=reducer)``, or let ``backward``
+    build it from ``distributed=`` and ``process_group=`` (``reducer_for``).
+
+    >>> import torch, deconflict, torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> reducer = ProcessGroupReducer("exact")
+    >>> trunk, heads = torch.nn.Linear(4, 8), [torch.nn.Linear(8, 1) for _ in range(2)]
+    >>> z = trunk(torch.randn(16, 4))
+    >>> losses = [head(z).pow(2).mean() for head in heads]
+    >>> record = deconflict.backward(losses, trunk, "upgrad", distributed=reducer)
+    >>> record.communication.mode, record.communication.world_size
+    ('exact', 1)
+    >>> dist.destroy_process_group()
+    """
+
+    mode: str = "exact"
+    group: Any = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in DISTRIBUTED_MODES:
+            raise InvalidOptionError(
+                f"distributed must be 'exact', 'local' or None, got {self.mode!r}")
+
+    @contextmanager
+    def step(self, method: Method) -> Iterator[StepSync]:
+        """One distributed step (see the module docstring): the state broadcast on the first
+        exact call with ``method``, rank 0's generator for unseeded random methods, and on
+        leaving, the all-reduce of what the step wrote."""
+        group = _group(self.group, f"distributed={self.mode!r}")
+        sync = _Sync(self.mode, group, method)
+        if sync.exact and _has_state(method) and _SYNCED.get(method) is not group:
+            sync.count(broadcast_bytes=_broadcast_state(method, group), collectives=1)
+            _SYNCED[method] = group
+        try:
+            try:
+                with sync.method_generator():
+                    yield sync
+            except Exception:
+                # Once the Jacobian is exchanged, the gradient all-reduce is the only collective
+                # left: joining it tells the other ranks, which would otherwise wait forever.
+                if sync.prepared and not sync.pending_exchange:
+                    sync.average(failed=True)
+                raise
+            sync.average(failed=False)
+        finally:
+            sync.restore()
+
+    def __repr__(self) -> str:
+        return f"ProcessGroupReducer(mode={self.mode!r}, group={self.group!r})"
+
+
+def reducer_for(distributed: str | Reducer | None, process_group: Any = None) -> Reducer:
+    """The reducer of ``backward(..., distributed=, process_group=)``.
+
+    >>> reducer_for(None) is NO_REDUCER
+    True
+    >>> reducer_for("everywhere")
+    Traceback (most recent call last):
+    ...
+    deconflict.errors.InvalidOptionError: distributed must be 'exact', 'local' or None, ...
+    """
+    if isinstance(distributed, Reducer):
+        if process_group is not None:
+            raise InvalidOptionError("process_group is given with a reducer instance: build the "
+                                     "reducer with its group instead")
+        return distributed
     if distributed is None:
-        raise InvalidOptionError("process_group is given but distributed is None: pass "
-                                 "distributed='exact' or 'local'")
+        if process_group is not None:
+            raise InvalidOptionError("process_group is given but distributed is None: pass "
+                                     "distributed='exact' or 'local'")
+        return NO_REDUCER
     if distributed not in DISTRIBUTED_MODES:
         raise InvalidOptionError(
             f"distributed must be 'exact', 'local' or None, got {distributed!r}")
-    group = _group(process_group, f"distributed={distributed!r}")
-    sync = _Sync(distributed, group, method)
-    if sync.exact and _has_state(method) and _SYNCED.get(method) is not group:
-        sync.count(broadcast_bytes=_broadcast_state(method, group), collectives=1)
-        _SYNCED[method] = group
-    token = _ACTIVE.set(sync)
-    try:
-        try:
-            with sync.method_generator():
-                record = step()
-        except Exception:
-            # Once the Jacobian is exchanged, the gradient all-reduce is the only collective
-            # left: joining it tells the other ranks, which would otherwise wait forever.
-            if sync.prepared and not sync.pending_exchange:
-                sync.average(failed=True)
-            raise
-        sync.average(failed=False)
-    finally:
-        _ACTIVE.reset(token)
-        sync.restore()
-    return sync.finish(record)
-
-
-def active_step() -> _Sync | None:
-    """The distributed step the current ``backward`` call runs in, if any (for the engine)."""
-    return _ACTIVE.get()
+    return ProcessGroupReducer(distributed, _group(process_group, f"distributed={distributed!r}"))
 
 
 def sync_method_state(method: Method, process_group: Any = None) -> None:
     """Give every rank rank 0's method state (``state_dict``), e.g. after loading a checkpoint
-    on rank 0 only. Exact mode does it on its first call with each method instance."""
+    on rank 0 only. Exact mode does it on its first call with each method instance.
+
+    >>> import deconflict, torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> famo = deconflict.get("famo")
+    >>> sync_method_state(famo)
+    >>> dist.destroy_process_group()
+    """
     group = _group(process_group, "sync_method_state")
     _broadcast_state(method, group)
     _SYNCED[method] = group
@@ -160,6 +243,12 @@ def global_losses(losses: Sequence[Any] | Tensor, process_group: Any = None) -> 
 
     Exact mode feeds methods the global losses; pass these to what it cannot see, e.g.
     ``famo.after_step(global_losses(losses))``, so that every rank's FAMO stays identical.
+
+    >>> import torch, torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> global_losses([torch.tensor(1.0), torch.tensor(2.0)])  # one rank: its own losses
+    tensor([1., 2.], dtype=torch.float64)
+    >>> dist.destroy_process_group()
     """
     group = _group(process_group, "global_losses")
     values = torch.stack([torch.as_tensor(v).detach().reshape(()).to(torch.float64).cpu()
@@ -173,7 +262,17 @@ def global_losses(losses: Sequence[Any] | Tensor, process_group: Any = None) -> 
 def broadcast_parameters(module: nn.Module, process_group: Any = None) -> None:
     """Copy rank 0's parameters and buffers to every rank (what DDP does when it wraps a model),
     for models trained without the DDP wrapper: exact mode keeps ranks identical only if they
-    start identical."""
+    start identical.
+
+    >>> import torch, torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> model = torch.nn.Linear(2, 2)
+    >>> before = model.weight.detach().clone()
+    >>> broadcast_parameters(model)
+    >>> torch.equal(model.weight, before)  # rank 0 keeps its own
+    True
+    >>> dist.destroy_process_group()
+    """
     group = _group(process_group, "broadcast_parameters")
     source = dist.get_global_rank(group, 0)
     with torch.no_grad():
@@ -182,7 +281,7 @@ def broadcast_parameters(module: nn.Module, process_group: Any = None) -> None:
 
 
 # ---------------------------------------------------------------------------------- the step
-class _Sync:
+class _Sync(StepSync):
     """The collectives of one ``backward`` call, made in the same order on every rank."""
 
     def __init__(self, mode: str, group: Any, method: Method) -> None:
@@ -208,13 +307,13 @@ class _Sync:
             self.counts[key] += amount
 
     # ---------------------------------------------------------------------- engine hooks
-    def handshake(self, loss_values: Tensor, leaves: list[Tensor], features: Any,
+    def handshake(self, loss_values: Tensor, losses: Sequence[Tensor], features: Any,
                   overflow_skips: bool) -> Tensor:
         """Exchange the losses and the layout; returns the losses the method sees (the global
         ones in exact mode). A non-finite loss on any rank raises on every rank, unless a
         GradScaler turns it into a skipped step (``overflow_skips``); so does a rank that
         reaches other tensors or has other features shapes."""
-        self.leaves = leaves
+        leaves = self.leaves = graph.leaves(losses)
         feature_list = [] if features is None else (
             [features] if isinstance(features, Tensor) else list(features))
         layout = [len(leaves), sum(leaf.numel() for leaf in leaves),
@@ -222,35 +321,32 @@ class _Sync:
         local = torch.cat([loss_values, torch.tensor(layout, dtype=torch.float64)])
         gathered = torch.stack(self._all_gather(local.to(self.device))).cpu()
         T = loss_values.numel()
-        losses, layouts = gathered[:, :T], gathered[:, T:]
+        values, layouts = gathered[:, :T], gathered[:, T:]
         for rank in range(1, self.world):
             if not torch.equal(layouts[rank], layouts[0]):
                 raise ShapeError(self._layout_mismatch(layouts[0], layouts[rank], rank))
         for rank in range(self.world):
-            bad = torch.nonzero(~torch.isfinite(losses[rank])).flatten().tolist()
+            bad = torch.nonzero(~torch.isfinite(values[rank])).flatten().tolist()
             if bad and not overflow_skips:
                 where = "this rank" if rank == self.rank else f"rank {rank}"
-                raise NonFiniteError(f"loss {bad[0]} is {losses[rank, bad[0]].item()} on {where} "
+                raise NonFiniteError(f"loss {bad[0]} is {values[rank, bad[0]].item()} on {where} "
                                      f"(non-finite losses there: tasks {bad})")
-        return _rank_order_mean(losses) if self.exact else loss_values
+        return _rank_order_mean(values) if self.exact else loss_values
 
-    def prepare(self, mode: str, per_task: bool, features: bool,
+    def prepare(self, per_task: bool, features: bool, exchanges: bool,
                 shared: Sequence[tuple[str, Tensor, str]]) -> None:
-        """Decide what the call's gradients need and set the existing ``.grad`` aside."""
-        if self.exact and per_task and mode == "gramian":
-            raise InvalidOptionError(
-                "distributed='exact' needs each task's gradient on every rank, and mode="
-                "'gramian' never forms them (the global Gramian needs products of different "
-                f"ranks' Jacobians): run {self.method.name} exactly with mode='sequential' or "
-                "'batched' (for mode='auto', untrack the trunk: tracker.remove()), or "
-                "approximately with distributed='local'")
+        """Decide what the call's gradients need and set the existing ``.grad`` aside.
+
+        ``per_task``: the step computes each task's gradient; ``features``: with respect to the
+        features; ``exchanges``: it will call ``exchange`` (exact mode, per-task gradients or a
+        last-layer Gramian).
+        """
         shared_ids = {id(p) for _, p, _ in shared}
         # Per-task exact updates are global already; representation mode's trunk gradients
         # are each rank's share of a sum over the global batch.
         keep = shared_ids if self.exact and per_task and not features else set()
         self.summed = shared_ids if self.exact and per_task and features else set()
-        self.pending_exchange = self.exact and (
-            per_task or self.method.gradient_scope == "last_layer")
+        self.pending_exchange = self.exact and exchanges
         self.targets = [leaf for leaf in self.leaves if id(leaf) not in keep]
         # Every leaf's, so that a failure on another rank can take the whole step back.
         self.aside = [leaf.grad for leaf in self.leaves]
@@ -270,7 +366,7 @@ class _Sync:
         elif self.exact:
             blocks = [torch.cat(self._all_gather(_stacked(block)), dim=1).div_(self.world)
                       for block in blocks]
-            if self.method.kind == "jacobian":
+            if isinstance(self.method, JacobianAggregator) and features is not None:
                 features = [torch.cat(self._all_gather(f.contiguous()), dim=0)
                             for f in features]
         self.pending_exchange = False
@@ -458,10 +554,11 @@ def _draws_from_global_generator(method: Method) -> bool:
 
 def _broadcast_state(method: Method, group: Any) -> int:
     """Load rank 0's method state on every rank; returns the payload size in bytes."""
-    holder = [method.state_dict() if dist.get_rank(group) == 0 else None]
+    holder: list[dict[str, Any] | None] = [
+        method.state_dict() if dist.get_rank(group) == 0 else None]
     dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
     if dist.get_rank(group) != 0:
-        method.load_state_dict(holder[0])
+        method.load_state_dict(holder[0] or {})
     return len(pickle.dumps(holder[0]))
 
 

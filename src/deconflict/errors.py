@@ -3,6 +3,13 @@
 Every error is a ``ValueError`` (so existing ``except ValueError`` code keeps working) and a
 ``DeconflictError`` (so callers can catch ours specifically). Messages name the task, parameter or
 option at fault.
+
+>>> import deconflict
+>>> try:
+...     deconflict.get("gradops", alpha=float("nan"))
+... except deconflict.DeconflictError as error:
+...     print(type(error).__name__, isinstance(error, ValueError))
+InvalidOptionError True
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The two passes over d-dimensional data: the Gramian M = J J^T and the combination J^T c.
 
-Both accumulate in float64 whatever the dtype of J (METHODS.md Section 0, "Precision"): with
+Both accumulate in float64 whatever the dtype of J (docs/methods.md#gramian): with
 float32 gradients, a float32 Gramian loses the small differences between nearly collinear task
 gradients that projection methods depend on, and a float32 combination J^T c loses the
 cancellation between large coefficients of opposite sign. Float64 accumulation makes both errors
@@ -38,7 +38,12 @@ def _check_matrix(jacobian: Tensor) -> Tensor:
 
 
 def check_block(block: Rows) -> list[Tensor]:
-    """The rows of a block given as a T x d_k tensor or as T tensors of d_k elements each."""
+    """The rows of a block given as a T x d_k tensor or as T tensors of d_k elements each.
+
+    >>> import torch
+    >>> [row.shape for row in check_block([torch.zeros(2, 3), torch.ones(6)])]
+    [torch.Size([6]), torch.Size([6])]
+    """
     if isinstance(block, Tensor):
         return kernels.row_list(_check_matrix(block))
     rows = [row.detach() for row in block]
@@ -54,7 +59,17 @@ def check_block(block: Rows) -> list[Tensor]:
 
 
 def gramian_of_blocks(blocks: Iterable[Rows]) -> Tensor:
-    """M = sum_k J_k J_k^T in float64, for column blocks J_k (T x d_k) of one Jacobian."""
+    """M = sum_k J_k J_k^T in float64, for column blocks J_k (T x d_k) of one Jacobian.
+
+    The blocks of a model's Jacobian are its parameter tensors; their Gramians add up to the
+    Gramian of the whole (docs/methods.md#gramian):
+
+    >>> import torch
+    >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    >>> gramian_of_blocks([J[:, :1], J[:, 1:]])
+    tensor([[ 1., -1.],
+            [-1.,  2.]], dtype=torch.float64)
+    """
     M: Tensor | None = None
     for block in blocks:
         rows = check_block(block)
@@ -71,7 +86,19 @@ def gramian_of_blocks(blocks: Iterable[Rows]) -> Tensor:
 
 
 def gramian(jacobian: Tensor) -> Tensor:
-    """The Gramian M = J J^T (T x T, float64) of a T x d Jacobian, accumulated in float64."""
+    """The Gramian M = J J^T (T x T, float64) of a T x d Jacobian, accumulated in float64.
+
+    M_ij = g_i . g_j for the rows g_i of J (docs/methods.md#notation); a negative off-diagonal
+    entry is a conflicting pair. Float32 rows are read as float64, so the small differences
+    between nearly collinear gradients survive (docs/methods.md#gramian).
+
+    >>> import torch
+    >>> import deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])   # two tasks, two parameters
+    >>> deconflict.gramian(J)
+    tensor([[ 1., -1.],
+            [-1.,  2.]], dtype=torch.float64)
+    """
     return gramian_of_blocks([jacobian])
 
 
@@ -82,6 +109,12 @@ def combine_block(
 
     With ``out`` (a tensor of d_k elements in any shape, e.g. a ``.grad``), the result is added
     to it in place (``accumulate=False``: written over it) and ``out`` is returned.
+
+    >>> import torch
+    >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    >>> grad = torch.ones(2)
+    >>> combine_block(J, torch.tensor([1.0, 0.5], dtype=torch.float64), grad)
+    tensor([1.5000, 1.5000])
     """
     rows = check_block(block)
     if weights.shape != (len(rows),):
@@ -108,7 +141,17 @@ def combine_block(
 
 
 def combine(jacobian: Tensor, weights: Tensor) -> Tensor:
-    """The update J^T c (d,) of a T x d Jacobian, accumulated in float64, in J's dtype."""
+    """The update J^T c (d,) of a T x d Jacobian, accumulated in float64, in J's dtype.
+
+    D = J^T c = sum_i c_i g_i (docs/methods.md#notation): the update a method's weights c
+    give. Large coefficients of opposite sign cancel in float64, not in J's dtype.
+
+    >>> import torch
+    >>> import deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    >>> deconflict.combine(J, torch.tensor([1.0, 0.5], dtype=torch.float64))
+    tensor([0.5000, 0.5000])
+    """
     return combine_block(_check_matrix(jacobian), weights)
 
 
@@ -117,7 +160,14 @@ def rounding_floor(gramian: Tensor, weights: Tensor) -> float:
 
     At a Pareto-stationary point (e.g. two opposite gradients) a method's update cancels to
     ~1e-17 of the gradients, in an arbitrary direction that can point against every task. The
-    engine and ``aggregate`` return an exact zero update below this floor instead.
+    engine and ``aggregate`` return an exact zero update below this floor instead
+    (docs/methods.md#gramian, "Rounding floor").
+
+    >>> import torch
+    >>> J = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])       # opposite gradients
+    >>> M, c = gramian(J), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    >>> float(c @ M @ c) ** 0.5 <= rounding_floor(M, c)  # ||J^T c|| = 0 exactly
+    True
     """
     norms = torch.sqrt(torch.clamp(torch.diagonal(gramian).to(torch.float64), min=0.0))
     c = weights.to(device=norms.device, dtype=torch.float64)
@@ -125,7 +175,12 @@ def rounding_floor(gramian: Tensor, weights: Tensor) -> float:
 
 
 def vector_norm(tensors: Iterable[Tensor]) -> float:
-    """Euclidean norm of several tensors taken together, accumulated in float64."""
+    """Euclidean norm of several tensors taken together, accumulated in float64.
+
+    >>> import torch
+    >>> vector_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+    5.0
+    """
     total = 0.0
     for tensor in tensors:
         total += float(torch.linalg.vector_norm(tensor, dtype=torch.float64) ** 2)

@@ -32,7 +32,16 @@ def _umask() -> int:
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write text to ``path`` atomically (temporary file in the same directory, then rename)."""
+    """Write text to ``path`` atomically (temporary file in the same directory, then rename).
+
+    Missing parent directories are created; a reader never sees a half-written file.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     write_text(Path(folder) / "results" / "table.md", "| a |").read_text()
+    '| a |'
+    """
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -42,7 +51,18 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write JSON atomically, indented, with a trailing newline."""
+    """Write JSON atomically, indented, with a trailing newline.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = write_json(Path(folder) / "run.json", {"seed": 0, "method": "gradops"})
+    ...     print(path.read_text(), end="")
+    {
+      "method": "gradops",
+      "seed": 0
+    }
+    """
     return write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -54,7 +74,15 @@ def save_figure(figure: Any, path: str | os.PathLike[str], **kwargs: Any) -> Pat
 
 
 def save_torch(path: str | os.PathLike[str], data: Any) -> Path:
-    """``torch.save`` atomically: a checkpoint is the previous one or the new one, never torn."""
+    """``torch.save`` atomically: a checkpoint is the previous one or the new one, never torn.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import torch
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     torch.load(save_torch(Path(folder) / "step.pt", {"step": 3}))
+    {'step': 3}
+    """
     import torch
 
     def write(tmp: str) -> None:

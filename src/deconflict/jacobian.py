@@ -16,12 +16,20 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
 from .errors import InvalidOptionError, ShapeError
 from .kernels import Rows
 
 
 def check_chunk_size(chunk_size: int | None) -> None:
+    """InvalidOptionError unless ``chunk_size`` is a positive int or None.
+
+    >>> check_chunk_size(0)
+    Traceback (most recent call last):
+    ...
+    deconflict.errors.InvalidOptionError: chunk_size must be a positive integer or None, got 0
+    """
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise InvalidOptionError(
@@ -29,14 +37,18 @@ def check_chunk_size(chunk_size: int | None) -> None:
 
 
 def row_chunks(rows: int, chunk_size: int | None) -> list[range]:
-    """The ranges of rows differentiated together."""
+    """The ranges of rows differentiated together.
+
+    >>> row_chunks(5, 2)
+    [range(0, 2), range(2, 4), range(4, 5)]
+    """
     size = rows if chunk_size is None else min(chunk_size, rows)
     return [range(start, min(rows, start + size)) for start in range(0, rows, size)]
 
 
 def gradients(
-    rows: Sequence[Tensor], targets: Sequence[Tensor | object], grad_outputs: Sequence[Tensor]
-    | None, rows_range: range, *, retain_graph: bool,
+    rows: Sequence[Tensor], targets: Sequence[Tensor] | Sequence[GradientEdge],
+    grad_outputs: Sequence[Tensor] | None, rows_range: range, *, retain_graph: bool,
 ) -> list[Tensor | None]:
     """d rows[i] / d targets for i in ``rows_range``, stacked: one (k, *shape) tensor per target.
 
@@ -93,8 +105,9 @@ def task_jacobian(
     blocks: list[Rows] = []
     reached = []
     for index, target in enumerate(targets):
-        if whole[index] is not None:
-            blocks.append(whole[index])
+        batched = whole[index]
+        if batched is not None:
+            blocks.append(batched)
             reached.append(True)
             continue
         found = [g for g in per_row[index] if g is not None]

@@ -3,7 +3,7 @@
 J is given by its rows, g_1 .. g_T: a T x n tensor, or T separate 1-D tensors of n elements (the
 per-task gradients as autograd returns them; stacking them would copy the Jacobian once more).
 Each pass reads the rows once and converts float32 to float64 in registers, so both results
-carry float64 accuracy (METHODS.md Section 0, "Precision") at about the cost of reading J: no
+carry float64 accuracy (docs/methods.md#gramian) at about the cost of reading J: no
 float64 copy, no d-sized temporary. ``out`` may be a parameter's ``.grad`` itself.
 
 Two implementations:
@@ -29,11 +29,13 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 
 import numpy as np
 import torch
 from torch import Tensor
 
+numba: ModuleType | None
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps the library usable
@@ -56,14 +58,24 @@ _COMBINE_UNIT = 4096
 
 
 def row_list(rows: Rows) -> list[Tensor]:
-    """The rows as a list of 1-D tensors (views of a 2-D block, no copy)."""
+    """The rows as a list of 1-D tensors (views of a 2-D block, no copy).
+
+    >>> import torch
+    >>> row_list(torch.arange(6.0).reshape(2, 3))
+    [tensor([0., 1., 2.]), tensor([3., 4., 5.])]
+    """
     if isinstance(rows, Tensor):
         return list(rows.unbind(0))
     return [row.reshape(-1) for row in rows]
 
 
 def backend(tensors: Rows) -> str:
-    """The implementation used for these rows: "numba" or "torch"."""
+    """The implementation used for these rows: "numba" or "torch".
+
+    >>> import torch
+    >>> backend(torch.zeros(2, 3, dtype=torch.float16))   # not a numba dtype
+    'torch'
+    """
     rows = [tensors] if isinstance(tensors, Tensor) else list(tensors)
     if numba is None or os.environ.get("DECONFLICT_KERNELS", "").lower() == "torch":
         return "torch"
@@ -237,7 +249,17 @@ def _checked_rows(rows: Rows) -> list[Tensor]:
 
 # ------------------------------------------------------------------------------------ Gramian
 def gramian_into(rows: Rows, out: Tensor) -> None:
-    """out += J J^T for the rows of J, accumulated in float64 (``out``: T x T float64)."""
+    """out += J J^T for the rows of J, accumulated in float64 (``out``: T x T float64).
+
+    The rows may be separate tensors, as autograd returns them, so J is never stacked:
+
+    >>> import torch
+    >>> out = torch.zeros(2, 2, dtype=torch.float64)
+    >>> gramian_into([torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])], out)
+    >>> out
+    tensor([[ 1., -1.],
+            [-1.,  2.]], dtype=torch.float64)
+    """
     listed = _checked_rows(rows)
     if listed[0].numel() == 0:
         return
@@ -248,7 +270,14 @@ def gramian_into(rows: Rows, out: Tensor) -> None:
 
 
 def cross_into(left: Rows, right: Rows, out: Tensor) -> None:
-    """out += A B^T for the rows of A (T x n) and of B (U x n), accumulated in float64."""
+    """out += A B^T for the rows of A (T x n) and of B (U x n), accumulated in float64.
+
+    >>> import torch
+    >>> out = torch.zeros(1, 2, dtype=torch.float64)
+    >>> cross_into(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]), out)
+    >>> out
+    tensor([[1., 2.]], dtype=torch.float64)
+    """
     a, b = _checked_rows(left), _checked_rows(right)
     if a[0].numel() != b[0].numel():
         raise ValueError(f"rows of {a[0].numel()} and {b[0].numel()} elements")
@@ -301,6 +330,13 @@ def combine_into(rows: Rows, weights: Tensor, out: Tensor, *, accumulate: bool) 
 
     ``out`` holds n elements (any shape, contiguous: e.g. a parameter's ``.grad``);
     ``accumulate`` adds to it, otherwise it is overwritten.
+
+    >>> import torch
+    >>> grad = torch.ones(2)
+    >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    >>> combine_into(J, torch.tensor([1.0, 0.5]), grad, accumulate=True)
+    >>> grad
+    tensor([1.5000, 1.5000])
     """
     listed = _checked_rows(rows)
     columns = listed[0].numel()

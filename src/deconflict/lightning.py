@@ -72,9 +72,11 @@ except ImportError as error:
         "deconflict.lightning needs Lightning: pip install 'deconflict[lightning]'"
     ) from error
 
-from .engine import StepRecord, backward, resolve_method
+from .engine import backward
 from .errors import InvalidOptionError
-from .methods.base import Method
+from .methods.base import AfterStep, EpochEnd, Method
+from .record import StepRecord
+from .resolve import resolve_method
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -117,8 +119,8 @@ def deconflict_step(
         method: a deconflict method instance (the same one every step), or the name of a
             stateless one.
         losses_after_step: computes the T losses again on the same batch; called without
-            gradients after the optimizer step, and only when the method needs them
-            (``method.needs_losses_after_step``, FAMO).
+            gradients after the optimizer step, and only when the method needs them (an
+            ``AfterStep`` method: FAMO).
         optimizer: the optimizer to step, one of ``module.optimizers()`` (a bare torch
             optimizer would bypass the trainer's step counting, hence ``max_steps``); None:
             ``module.optimizers()``, which must then be a single optimizer.
@@ -140,17 +142,18 @@ def deconflict_step(
     _check_trainer(module)
     if task_names is not None and len(task_names) != len(losses):
         raise InvalidOptionError(f"{len(task_names)} task_names for {len(losses)} losses")
-    if resolved.needs_losses_after_step and losses_after_step is None:
+    if isinstance(resolved, AfterStep) and losses_after_step is None:
         raise InvalidOptionError(
             f"{resolved.name} needs the losses after the optimizer step: pass "
             "losses_after_step=<a function computing the task losses again on the same batch>"
         )
     if optimizer is None:
-        optimizer = module.optimizers()
-        if isinstance(optimizer, list):
+        optimizers = module.optimizers()
+        if isinstance(optimizers, list):
             raise InvalidOptionError(
-                f"the module has {len(optimizer)} optimizers: pass optimizer= to choose one"
+                f"the module has {len(optimizers)} optimizers: pass optimizer= to choose one"
             )
+        optimizer = optimizers
     scaler = getattr(module.trainer.precision_plugin, "scaler", None)
     if scaler is not None:
         # 16-mixed: deconflict scales the losses with the plugin's GradScaler, as
@@ -160,7 +163,7 @@ def deconflict_step(
     optimizer.zero_grad()
     record = backward(losses, shared, resolved, **backward_options)
     optimizer.step()
-    if resolved.needs_losses_after_step and not record.skipped:
+    if isinstance(resolved, AfterStep) and not record.skipped:
         assert losses_after_step is not None  # checked above
         with torch.no_grad():
             resolved.after_step(_stacked(losses_after_step()))
@@ -171,10 +174,10 @@ def deconflict_step(
 
 
 def end_epoch(method: Method) -> None:
-    """Tell ``method`` that a training epoch ended (DWA's epoch averages); others ignore it."""
-    close = getattr(method, "end_epoch", None)
-    if close is not None:
-        close()
+    """Tell ``method`` that a training epoch ended if it is an ``EpochEnd`` method (DWA's epoch
+    averages); others have nothing to do."""
+    if isinstance(method, EpochEnd):
+        method.end_epoch()
 
 
 def save_method_state(method: Method, checkpoint: dict[str, Any],

@@ -37,7 +37,12 @@ def single_threaded_blas() -> AbstractContextManager:
 
 
 def to_numpy(values: Any, dtype: type = np.float64) -> np.ndarray:
-    """A float64 NumPy copy of a tensor, array or sequence (detached, on the host)."""
+    """A float64 NumPy copy of a tensor, array or sequence (detached, on the host).
+
+    >>> import torch
+    >>> to_numpy(torch.tensor([1.0, 2.0], requires_grad=True))
+    array([1., 2.])
+    """
     if isinstance(values, torch.Tensor):
         values = values.detach().to("cpu", torch.float64).numpy()
     return np.array(values, dtype=dtype, copy=True)
@@ -48,6 +53,13 @@ def as_gramian_array(gramian: Any) -> np.ndarray:
 
     Raises ShapeError (not square), NonFiniteError (NaN/Inf) or InvalidGramianError (asymmetric
     or negative diagonal beyond rounding).
+
+    >>> as_gramian_array([[1.0, -1.0], [-1.0, 2.0]]).dtype
+    dtype('float64')
+    >>> as_gramian_array([[1.0, 0.5], [0.0, 1.0]])
+    Traceback (most recent call last):
+    ...
+    deconflict.errors.InvalidGramianError: not a Gramian: the matrix is not symmetric ...
     """
     if isinstance(gramian, torch.Tensor):
         M = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
@@ -82,14 +94,26 @@ def as_gramian_array(gramian: Any) -> np.ndarray:
 
 
 def task_norms(M: np.ndarray) -> np.ndarray:
-    """The gradient norms n_i = sqrt(M_ii)."""
+    """The gradient norms n_i = sqrt(M_ii).
+
+    >>> import numpy as np
+    >>> task_norms(np.array([[9.0, 0.0], [0.0, 4.0]])).tolist()
+    [3.0, 2.0]
+    """
     return np.sqrt(np.maximum(np.diag(M), 0.0))
 
 
 def cosine_matrix(M: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
     """K = N^-1 M N^-1 with unit diagonal; rows and columns of zero gradients are zero.
 
-    Entries are clipped to [-1, 1], which rounding can otherwise leave slightly outside.
+    Entries are clipped to [-1, 1], which rounding can otherwise leave slightly outside
+    (docs/methods.md#notation).
+
+    >>> import numpy as np
+    >>> cosine_matrix(np.array([[1.0, -1.0, 0.0], [-1.0, 2.0, 0.0], [0.0, 0.0, 0.0]])).round(4)
+    array([[ 1.    , -0.7071,  0.    ],
+           [-0.7071,  1.    ,  0.    ],
+           [ 0.    ,  0.    ,  0.    ]])
     """
     n = task_norms(M) if norms is None else norms
     zero = n == 0
@@ -117,6 +141,16 @@ def pivoted_cholesky_solve(
     of ties. ``minimum_norm`` removes the null-space component instead, which is symmetric.
     Unlike an eigendecomposition-based pseudo-inverse (residual measured at 4e-9 for cosines of
     1 - 1e-9), the solve is backward stable: |A x - b| ~ eps |A| |x| on the picked rows.
+
+    Two duplicated unit gradients: rank 1; the basic solution leans on the first, the
+    minimum-norm one splits evenly:
+
+    >>> import numpy as np
+    >>> A = np.ones((2, 2))
+    >>> pivoted_cholesky_solve(A, np.array([2.0, 2.0]), 1e-13)
+    (array([2., 0.]), 1)
+    >>> pivoted_cholesky_solve(A, np.array([2.0, 2.0]), 1e-13, minimum_norm=True)
+    (array([1., 1.]), 1)
     """
     n = A.shape[0]
     x = np.zeros(n)
@@ -141,7 +175,13 @@ def pivoted_cholesky_solve(
 
 
 def normalized(M: np.ndarray) -> tuple[np.ndarray, float]:
-    """M divided by its largest diagonal entry (and that entry), for scale-free tolerances."""
+    """M divided by its largest diagonal entry (and that entry), for scale-free tolerances.
+
+    >>> import numpy as np
+    >>> normalized(np.array([[4.0, 2.0], [2.0, 2.0]]))
+    (array([[1. , 0.5],
+           [0.5, 0.5]]), 4.0)
+    """
     scale = float(np.max(np.diag(M))) if M.size else 0.0
     if scale <= 0.0:
         return M.copy(), 0.0
@@ -157,14 +197,25 @@ def update_rounding_floor(num_tasks: int, budget: float) -> float:
 
     That error is at most about T eps sum_i |c_i| ||g_i|| (``budget`` = sum_i |c_i| ||g_i||);
     an update shorter than 1e8 times it has no trustworthy direction, and the engine writes an
-    exact zero instead (``gramian.rounding_floor``).
+    exact zero instead (``gramian.rounding_floor``; docs/methods.md#gramian).
+
+    >>> update_rounding_floor(2, budget=1.0)   # 2 eps / 1e-8
+    4.440892098500626e-08
     """
     return num_tasks * float(np.finfo(np.float64).eps) * budget / _DIRECTION_ACCURACY
 
 
 def negligible_update(M: np.ndarray, c: np.ndarray) -> bool:
     """Whether ||J^T c|| is below ``update_rounding_floor``, decided from M alone
-    (||J^T c||^2 = c^T M c)."""
+    (||J^T c||^2 = c^T M c).
+
+    Two opposite gradients: their mean cancels exactly, one of them alone does not.
+
+    >>> import numpy as np
+    >>> M = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    >>> negligible_update(M, np.array([0.5, 0.5])), negligible_update(M, np.array([1.0, 0.0]))
+    (True, False)
+    """
     c = np.asarray(c, dtype=np.float64)
     floor = update_rounding_floor(c.size, float(np.abs(c) @ task_norms(M)))
     return float(c @ M @ c) <= floor**2

@@ -4,19 +4,30 @@
   points given only by their Gramian (MGDA, the tensioner's bases). It is an active-set method:
   on the final support the answer solves a linear system exactly, so the result is exact up to
   rounding, not up to an iteration count.
-- ``conflict_averse_weights``: the CAGrad dual, min over the simplex of
-  w^T M a + c ||g_a|| sqrt(w^T M w), solved to machine precision through a one-dimensional
-  monotone root find whose every evaluation is an exact ``min_norm_point``.
+- ``conflict_averse_solution`` (and ``conflict_averse_weights``): the CAGrad dual, min over
+  the simplex of w^T M a + c ||g_a|| sqrt(w^T M w), by an active set of the same kind whose
+  faces have a closed form (docs/methods.md#conflict-averse).
+- ``dual_cone_weights``: projections onto the dual cone {x : J x >= 0} by NNLS (UPGrad,
+  DualProj; docs/methods.md#dual-cone).
+- ``nash_bargaining_weights``, ``stationary_support``, ``restricted_nash_weights``: Nash-MTL's
+  bargaining equation and its limit at Pareto-stationary points (docs/methods.md#nash_mtl,
+  docs/methods.md#stationarity).
+
+Every solver works on the cosine matrix and the norms relative to the largest, never on M with
+absolute tolerances, and verifies its KKT conditions on the original Gramian against rounding
+bounds derived from the terms that cancel: their guarantees hold for task-gradient norms
+spanning 1e12 (``benchmarks/norm_spans.py`` measures the largest span each one holds).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import brentq, linprog, nnls
 
-from .linalg import cosine_matrix, normalized, task_norms
+from .linalg import cosine_matrix, task_norms
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -48,6 +59,9 @@ def min_norm_point(gramian: np.ndarray) -> np.ndarray:
 
 def min_norm_solution(gramian: np.ndarray) -> tuple[np.ndarray, bool]:
     """(w, verified): w in the simplex minimizing w^T M w (Wolfe, 1976), in Gramian form.
+
+    The min-norm point of the convex hull of the gradients: MGDA's problem (Sener & Koltun
+    2018, Eq. 3; docs/methods.md#min-norm), also the tensioner's min-norm base.
 
     Scale. Every quantity is computed from the cosine matrix K = N^-1 M N^-1 and the norms
     n_i = sqrt(M_ii) divided by the largest (N = diag(n)), never from M / max(M_ii) with an
@@ -200,140 +214,351 @@ def _minor_cycles(
             return w, support
 
 
+# A squared norm below this many times its rounding error (gamma_T times the squared length of
+# its terms) is not resolved by M: its relative error would exceed 1e-3.
+_UNRESOLVED = 1e3
+
+
+@dataclass(frozen=True)
+class ConflictAverseSolution:
+    """The solution of the CAGrad dual (``conflict_averse_solution``).
+
+    ``weights``: w* on the simplex; ``gw_norm``: ||g_w*|| (0 when the optimum is a vanishing
+    combination of the gradients, where the direction g_w / ||g_w|| is undefined);
+    ``anchor_norm``: ||g_a||; ``verified``: w* passed the KKT test on the original Gramian
+    (False only when rounding stalled both the active set and its fallback: w* is then the best
+    point found, not certified optimal).
+    """
+
+    weights: np.ndarray
+    gw_norm: float
+    anchor_norm: float
+    verified: bool
+
+
 def conflict_averse_weights(
     gramian: np.ndarray, anchor: np.ndarray, c: float
 ) -> tuple[np.ndarray, float, float]:
-    """Solve the CAGrad dual for the ball around g_a = J^T a of radius c ||g_a||.
+    """(w*, ||g_w*||, ||g_a||) of ``conflict_averse_solution``, its verification flag dropped."""
+    solution = conflict_averse_solution(gramian, anchor, c)
+    return solution.weights, solution.gw_norm, solution.anchor_norm
 
-    Returns (w, ||g_w||, ||g_a||) where w minimizes F(w) = g_w . g_a + c ||g_a|| ||g_w|| over
-    the simplex (CAGrad paper, Eq. 3 dual; METHODS.md Section 6). The update is then
-    D = g_a + (c ||g_a|| / ||g_w||) g_w. ||g_w|| = 0 is returned when the optimum is (within 1e-6
-    of the largest gradient norm) a zero combination, where that direction is undefined.
 
-    Method: F(w) = min over lam > 0 of g_w . g_a + (c'/2)(||g_w||^2 / lam + lam) with
-    c' = c ||g_a||. For fixed kappa = c'/lam, the minimizer over w is the min-norm point of the
-    shifted hull {g_i + g_a / kappa}, whose Gramian is M + (b 1^T + 1 b^T)/kappa + |g_a|^2/kappa^2
-    with b = M a. The optimal lam equals ||g_w(lam)||, and ||g_w(lam)|| / lam is non-increasing
-    (the partial minimum over w is convex in lam), so lam is the root of
-    psi(lam) = ||g_w(lam)|| - lam. On a face of the simplex the optimum has a closed form
-    (``_face_optimum``), checked against the KKT conditions: the full simplex and its vertices
-    are tried first, then a coarse root find identifies the optimal face; if its check fails,
-    the root find is run to machine precision instead.
+def conflict_averse_solution(
+    gramian: np.ndarray, anchor: np.ndarray, c: float
+) -> ConflictAverseSolution:
+    """Solve the CAGrad dual for the ball around g_a = J^T a of radius r = c ||g_a||.
+
+    w* minimizes F(w) = g_w . g_a + r ||g_w|| over the simplex, g_w = J^T w (CAGrad, Liu et al.
+    2021: the dual of Eq. 3, Sec. 3.1 and Algorithm 1; docs/methods.md#conflict-averse). The
+    update is D = g_a + (r / ||g_w*||) g_w*, and the primal value min_i g_i . D equals F(w*).
+
+    Optimality (KKT). dF/dw_i = g_i . D and w . grad F = F (F is positively homogeneous), so
+    w* is optimal iff g_i . D >= F(w*) for every task, with equality on the support: the
+    support holds the tasks of least improvement, and D leans towards a convex combination of
+    them. Two facts make it exact over any spread of the norms:
+
+    - Scale. F is not invariant under rescaling one task (the simplex and g_a are not), only
+      under rescaling M by a scalar. Everything is therefore computed from the cosine matrix K
+      and the norms s_i = n_i / max n, in the shares z = s * w (the length each gradient
+      contributes to g_w): g_w = sum_i z_i u_i with unit u_i, so ||g_w||^2 = z^T K z is as well
+      conditioned as the cosines, whatever the norms. (The previous root find on M / max M_ii
+      could not resolve ||g_w|| below 1e-6 of the largest norm: with norms spanning more than
+      ~1e6 the small tasks' share of the optimum fell below it.)
+    - Faces. On the affine hull of a face S the optimum has a closed form: with x0 the point of
+      least norm of aff(g_S) and p the projection of g_a onto its directions L, F(x) =
+      x . g_a + r ||x|| is minimized at x* = x0 - p ||x0|| / sqrt(r^2 - ||p||^2) when
+      ||p|| < r, and is unbounded below along -p otherwise. Both come from one bordered system
+      [[K_SS, v], [v^T, 0]] (v_i = min_S s / s_i) with two right-hand sides, scaled like the
+      cosines.
+
+    Method: an active set in the manner of Wolfe's min-norm algorithm (``min_norm_solution``).
+    From the full face's optimum, if it is interior, else from the best vertex: add the task
+    that violates the KKT test most (relative to its norm), move towards the new face's optimum
+    (or along its descent ray) until a weight reaches zero, drop it, repeat. F decreases strictly
+    at every step (it is convex and the new task is a descent direction), so no face recurs and
+    the loop ends; each face costs one (|S| + 1)^2 solve.
+
+    Verification, on the original M (scaled by a scalar only). Let tau = sum_k w_k n_k (the
+    length of the terms of g_w), rho = tau / ||g_w|| and kappa = sum_k |a_k| n_k / ||g_a|| (how
+    much g_w and g_a cancel) and sigma = sum_k |a_k| n_k + r rho (the terms that cancel in D).
+    Forming g_i . D and F errs by at most gamma_T (n_i + tau) sigma; ||g_w||^2 and ||g_a||^2
+    formed from M err by gamma_T rho^2 and gamma_T kappa^2 relative, which scales the step
+    r g_w / ||g_w|| and moves g_i . D - F by gamma_T r (rho^2 + kappa^2) (n_i + ||g_w||). With
+    gamma_T = 4 (T + 2) eps (as in ``rounding_bounds``) w passes when, for every task i,
+
+        g_i . D >= F(w) - gamma_T ((n_i + tau) sigma + r (rho^2 + kappa^2) (n_i + ||g_w||)),
+
+    and on the support equality holds by construction (each face is solved exactly). A point
+    passing it is within sum_i w*_i tol_i of the optimal value (convexity).
+
+    Degenerate case. When ||g_w|| cannot be resolved from M (||g_w||^2 below 1e3 gamma_T tau^2:
+    g_w cancels to rounding), the hull of the gradients contains 0 to rounding and F = 0 there.
+    For c >= 1, F >= ||g_w|| (r - ||g_a||) >= 0 everywhere, so that point is optimal
+    (``gw_norm`` 0, docs/methods.md#stationarity). For c < 1 F may be negative elsewhere; then,
+    and whenever rounding stalls the active set, a root find on the shifted min-norm problems
+    (min over w of ||g_w + (lam / r) g_a||, whose solution has ||g_w|| = lam at the optimum lam)
+    locates the optimum's face from which the active set starts again. If no lam > 0 has
+    ||g_w(lam)|| > lam, the optimum is the vanishing combination (``gw_norm`` 0).
+    A zero gradient is such a combination too: its vertex has F = 0.
     """
-    M, scale = normalized(gramian)
-    T = M.shape[0]
-    b = M @ anchor
-    anchor_sq = max(float(anchor @ b), 0.0)
-    anchor_norm = math.sqrt(anchor_sq * scale)
-    if scale == 0.0 or anchor_sq <= 1e-30 or c == 0.0:
-        return np.full(T, 1.0 / T), 0.0, anchor_norm
+    T = gramian.shape[0]
+    n = task_norms(gramian)
+    largest = float(n.max())
+    uniform = np.full(T, 1.0 / T)
+    if largest == 0.0:
+        return ConflictAverseSolution(uniform, 0.0, 0.0, True)
+    s = n / largest
+    K = cosine_matrix(gramian, n)
+    shares = anchor * s
+    beta = K @ shares  # beta_i = u_i . g_a (in units of the largest norm)
+    anchor_sq = max(float(shares @ beta), 0.0)
+    anchor_norm = math.sqrt(anchor_sq) * largest
+    anchor_l1 = float(np.abs(shares).sum())
+    if c == 0.0 or anchor_sq <= _UNRESOLVED * _dual_gamma(T) * anchor_l1 * anchor_l1:
+        # The ball is the single point g_a (c = 0), or g_a cancels to rounding: its norm, hence
+        # the radius, is not resolved by M (anchor_sq errs by gamma_T anchor_l1^2).
+        return ConflictAverseSolution(uniform, 0.0, anchor_norm, True)
     radius = c * math.sqrt(anchor_sq)
-
-    def weights_at(lam: float) -> np.ndarray:
-        kappa = radius / lam
-        shifted = M + (b[:, None] + b[None, :]) / kappa + anchor_sq / kappa**2
-        return min_norm_point(shifted)
-
-    def psi(lam: float) -> float:
-        w = weights_at(lam)
-        return math.sqrt(max(float(w @ M @ w), 0.0)) - lam
-
-    def finish(w: np.ndarray) -> tuple[np.ndarray, float, float]:
-        return w, math.sqrt(max(float(w @ M @ w), 0.0) * scale), anchor_norm
-
-    exact = _face_optimum(M, b, radius, np.ones(T, dtype=bool))
-    if exact is None:
-        exact = _vertex_optimum(M, b, radius)
-    if exact is not None:
-        return finish(exact)
-    w_min = min_norm_point(M)
-    low = math.sqrt(max(float(w_min @ M @ w_min), 0.0))
-    high = math.sqrt(float(np.max(np.diag(M))))
-    # Below ~1e-8 the norm of g_w cannot be resolved from a Gramian (w^T M w cancels to
-    # rounding, ~1e-16 of the squared norms), so the search starts at 1e-6.
-    floor = 1e-6 * high
-    if low <= floor:
-        low = floor
-        if psi(low) <= 0.0:
-            return weights_at(low), 0.0, anchor_norm
-    if psi(high) >= 0.0:
-        return finish(weights_at(high))
-    if psi(low) <= 0.0:
-        return finish(weights_at(low))
-    coarse = brentq(psi, low, high, xtol=1e-6 * high, maxiter=200)
-    support = weights_at(coarse) > 1e-9
-    exact = _face_optimum(M, b, radius, support)
-    if exact is not None:
-        return finish(exact)
-    lam = brentq(psi, low, high, xtol=1e-15 * high, rtol=4 * np.finfo(float).eps, maxiter=200)
-    return finish(weights_at(lam))
+    live = np.flatnonzero(n > 0.0)
+    zero = np.flatnonzero(n == 0.0)
+    if zero.size and c >= 1.0:
+        return ConflictAverseSolution(_vertex(T, int(zero[0])), 0.0, anchor_norm, True)
+    dual = _ConflictAverseDual(K[np.ix_(live, live)], s[live], beta[live], radius, anchor_l1,
+                               anchor_sq, c)
+    w_live, gw_norm, value, verified = dual.optimum()
+    if zero.size and (gw_norm == 0.0 or value >= 0.0):
+        # Mixing in a zero gradient scales F by (1 - t): its vertex (F = 0) wins unless F < 0.
+        return ConflictAverseSolution(_vertex(T, int(zero[0])), 0.0, anchor_norm, True)
+    w = np.zeros(T)
+    w[live] = w_live
+    return ConflictAverseSolution(w, gw_norm * largest, anchor_norm, verified)
 
 
-def _face_optimum(
-    M: np.ndarray, b: np.ndarray, radius: float, support: np.ndarray
-) -> np.ndarray | None:
-    """The CAGrad dual optimum restricted to a face of the simplex, if it is the global one.
+def _dual_gamma(T: int) -> float:
+    """gamma_T = 4 (T + 2) eps: the rounding bound of a T-term sum and one more (as in
+    ``rounding_bounds``), for the CAGrad dual's KKT test and its resolution cuts."""
+    return 4.0 * (T + 2) * _EPS
 
-    On the face S (weights free in sign, summing to 1) stationarity reads
-    b_S + radius M_SS w / ||g_w|| = mu 1. With u = M_SS^-1 1, v = M_SS^-1 b_S, a = 1.u,
-    beta = 1.v, gamma = b_S.v, the solution is w = (mu u - v) / sqrt(disc) with
-    disc = beta^2 - a (gamma - radius^2) and mu = (beta + sqrt(disc)) / a. It is the global
-    optimum when w > 0 and no task outside S has a smaller partial derivative than mu.
-    Returns None when M_SS is singular, disc <= 0 or a condition fails.
-    """
-    S = np.flatnonzero(support)
-    if S.size == 0:
-        return None
-    M_S = M[np.ix_(S, S)] if S.size < M.shape[0] else M
-    values, vectors = np.linalg.eigh(M_S)
-    if values[0] <= 1e-12 * values[-1]:
-        return None
-    both = vectors @ ((vectors.T @ np.column_stack([np.ones(S.size), b[S]])) / values[:, None])
-    u, v = both[:, 0], both[:, 1]
-    a, beta, gamma = float(u.sum()), float(v.sum()), float(b[S] @ v)
-    disc = beta * beta - a * (gamma - radius * radius)
-    if a <= 0.0 or disc <= 0.0:
-        return None
-    mu = (beta + math.sqrt(disc)) / a
-    w_S = (mu * u - v) / math.sqrt(disc)
-    if np.min(w_S) <= 0.0:
-        return None
-    w = np.zeros(M.shape[0])
-    w[S] = w_S
-    gw_norm = math.sqrt(max(float(w @ M @ w), 0.0))
-    gradient = b + radius * (M @ w) / gw_norm
-    if np.min(gradient) < mu - 1e-9 * (abs(mu) + radius):
-        return None
+
+def _vertex(T: int, i: int) -> np.ndarray:
+    w = np.zeros(T)
+    w[i] = 1.0
     return w
 
 
-def _vertex_optimum(M: np.ndarray, b: np.ndarray, radius: float) -> np.ndarray | None:
-    """The CAGrad dual optimum if it is a vertex e_i of the simplex, else None.
+@dataclass(frozen=True)
+class _DualPoint:
+    """A point of the CAGrad dual: F (``value``), ||g_w|| (0 if unresolved) and, where g_w is
+    resolved, the excess of each KKT condition over its rounding bound (> 0: violated)."""
 
-    At e_i (with g_i != 0) the partial derivatives are b + radius M e_i / ||g_i||; the vertex is
-    optimal when none is smaller than the i-th.
+    weights: np.ndarray
+    value: float
+    xnorm: float
+    excess: np.ndarray | None
+
+
+class _ConflictAverseDual:
+    """F(w) = w . b + r ||g_w|| on the live tasks, from cosines K and norms s (max s = 1)."""
+
+    def __init__(self, K: np.ndarray, s: np.ndarray, beta: np.ndarray, radius: float,
+                 anchor_l1: float, anchor_sq: float, c: float) -> None:
+        self.K, self.s, self.beta = K, s, beta
+        self.radius, self.anchor_l1, self.anchor_sq, self.c = radius, anchor_l1, anchor_sq, c
+        self.gamma = _dual_gamma(s.size)
+
+    def point(self, w: np.ndarray) -> _DualPoint:
+        z = w * self.s
+        Kz = self.K @ z
+        xsq = float(z @ Kz)
+        tau = float(z.sum())
+        if xsq <= _UNRESOLVED * self.gamma * tau * tau:
+            return _DualPoint(w, float(z @ self.beta), 0.0, None)
+        xnorm = math.sqrt(xsq)
+        along = self.beta + (self.radius / xnorm) * Kz  # u_i . D
+        value = float(z @ along)  # F(w) = sum_i w_i g_i . D
+        rho = tau / xnorm
+        sigma = self.anchor_l1 + self.radius * rho
+        spread = rho * rho + self.anchor_l1 * self.anchor_l1 / self.anchor_sq
+        tol = self.gamma * ((self.s + tau) * sigma + self.radius * spread * (self.s + xnorm))
+        return _DualPoint(w, value, xnorm, (value - self.s * along) - tol)
+
+    def face(self, S: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(weights of the optimum on aff(face S), True), or (a descent ray, False) if F is
+        unbounded below there; see ``conflict_averse_solution``. The weights sum to 1, the
+        ray to 0."""
+        k = S.size
+        if k == 1:
+            return np.ones(1), True
+        sS = self.s[S]
+        v = float(sS.min()) / sS
+        KS = self.K[np.ix_(S, S)]
+        system = np.zeros((k + 1, k + 1))
+        system[:k, :k] = KS
+        system[:k, k] = v
+        system[k, :k] = v
+        rhs = np.zeros((k + 1, 2))
+        rhs[k, 0] = 1.0
+        rhs[:k, 1] = self.beta[S]
+        solution = _bordered_solve(system, rhs)
+        # z0: shares of the least-norm point of aff(g_S) (sum_i z0_i v_i = 1); zeta: shares of
+        # the projection p of g_a onto the directions of aff(g_S) (sum_i zeta_i v_i = 0).
+        z0, zeta = solution[:k, 0], solution[:k, 1]
+        x0_sq = max(float(z0 @ KS @ z0), 0.0)
+        p_sq = max(float(zeta @ KS @ zeta), 0.0)
+        slack = self.radius * self.radius - p_sq
+        if slack <= 0.0:
+            return -zeta * v, False
+        tau0 = float(np.abs(z0).sum())
+        if x0_sq <= _UNRESOLVED * self.gamma * tau0 * tau0:
+            # x0 = 0 to rounding (0 is in aff(g_S)): x* = x0. The square root would turn the
+            # rounding of x0_sq (~ eps tau0^2) into a spurious step of sqrt(eps) tau0 along p.
+            return z0 * v, True
+        return (z0 - zeta * math.sqrt(x0_sq / slack)) * v, True
+
+    def minor_cycles(self, w: np.ndarray, support: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Move w towards the optimum of its face, dropping tasks whose weight reaches 0."""
+        S = support
+        current = w[S]
+        while True:
+            y, bounded = self.face(S)
+            if bounded and np.all(y > 0.0):
+                current = y
+                break
+            direction = y - current if bounded else y
+            blocked = np.flatnonzero(y <= 0.0) if bounded else np.flatnonzero(direction < 0.0)
+            if blocked.size == 0:
+                break  # a ray along which no weight falls: rounding noise, stop here
+            ratios = current[blocked] / -direction[blocked]
+            theta = float(np.min(ratios))
+            moved = current + theta * direction
+            # Ties reach zero together; what rounding leaves of them is not a weight.
+            keep = moved > 4.0 * _EPS * current
+            keep[blocked[int(np.argmin(ratios))]] = False
+            if not keep.any():
+                break
+            S, current = S[keep], moved[keep]
+            if S.size == 1:
+                current = np.ones(1)
+                break
+        w = np.zeros_like(w)
+        w[S] = current / current.sum()
+        return w, S
+
+    def descend(self, w: np.ndarray, support: np.ndarray, at_face_optimum: bool
+                ) -> tuple[_DualPoint, bool]:
+        """Active-set iterations from w: (the last point, whether it passed the KKT test)."""
+        S = support
+        if not at_face_optimum:
+            w, S = self.minor_cycles(w, S)
+        point = self.point(w)
+        for _ in range(20 * self.s.size + 50):
+            if point.excess is None:
+                return point, False
+            if point.excess.max() <= 0.0:
+                return point, True
+            # The most violated condition relative to its task's norm (a scale-free choice).
+            entering = int(np.argmax(point.excess / self.s))
+            if entering in S:
+                break
+            w, S = self.minor_cycles(point.weights, np.append(S, entering))
+            candidate = self.point(w)
+            if candidate.value >= point.value:
+                break  # rounding has stalled the active set: keep the best point found
+            point = candidate
+        return point, False
+
+    def start(self) -> tuple[np.ndarray, np.ndarray]:
+        """The full face's optimum if it is interior, else the vertex of least F."""
+        everything = np.arange(self.s.size)
+        y, bounded = self.face(everything)
+        if bounded and np.all(y > 0.0):
+            return y / y.sum(), everything
+        best = int(np.argmin(self.s * (self.beta + self.radius)))  # F(e_i)
+        return _vertex(self.s.size, best), np.array([best])
+
+    def optimum(self) -> tuple[np.ndarray, float, float, bool]:
+        """(w*, ||g_w*|| (0: a vanishing combination), F(w*), verified)."""
+        w, S = self.start()
+        point, verified = self.descend(w, S, at_face_optimum=True)
+        if verified:
+            return point.weights, point.xnorm, point.value, True
+        if point.excess is None and self.c >= 1.0:
+            return point.weights, 0.0, 0.0, True
+        guess = self.root_guess()
+        if guess is None:
+            if point.excess is None:
+                return point.weights, 0.0, 0.0, True
+            return point.weights, point.xnorm, point.value, False
+        polished, verified = self.descend(guess, np.flatnonzero(guess > 0.0),
+                                          at_face_optimum=False)
+        if polished.excess is not None and (verified or point.excess is None
+                                            or polished.value < point.value):
+            return polished.weights, polished.xnorm, polished.value, verified
+        if point.excess is None:
+            return point.weights, 0.0, 0.0, False
+        return point.weights, point.xnorm, point.value, False
+
+    def root_guess(self) -> np.ndarray | None:
+        """The weights near the optimum lam* = ||g_w*|| of the shifted min-norm problems, or
+        None if ||g_w(lam)|| <= lam for every lam down to 1e-8 of the smallest norm.
+
+        F(w) = min over lam > 0 of w . b + (r / 2)(||g_w||^2 / lam + lam); for fixed lam the
+        minimizer is the min-norm point of {g_i + (lam / r) g_a}, and ||g_w(lam)|| / lam is
+        non-increasing (the partial minimum is convex in lam), so lam* is the one crossing of
+        ||g_w(lam)|| / lam = 1, bracketed on a log scale.
+        """
+        G = self.K * np.outer(self.s, self.s)
+        b = self.s * self.beta
+
+        def weights_at(log_lam: float) -> np.ndarray:
+            t = math.exp(log_lam) / self.radius
+            shifted = G + t * (b[:, None] + b[None, :]) + (t * t) * self.anchor_sq
+            return min_norm_point(shifted)
+
+        def excess_ratio(log_lam: float) -> float:
+            z = weights_at(log_lam) * self.s
+            return math.sqrt(max(float(z @ self.K @ z), 0.0)) / math.exp(log_lam) - 1.0
+
+        step = math.log(100.0)
+        floor = math.log(1e-8) + math.log(float(self.s.min()))  # no underflow for tiny s
+        high = 0.0  # lam = max s >= ||g_w||: the ratio is <= 0 there
+        while excess_ratio(high - step) <= 0.0:
+            high -= step
+            if high - step < floor:
+                return None
+        try:
+            root = brentq(excess_ratio, high - step, high, xtol=1e-6, maxiter=100)
+        except ValueError:  # rounding put the ratio at lam = max s above 0: the root is there
+            root = high
+        return weights_at(root)
+
+
+def _bordered_solve(system: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve the bordered face system; least squares (the smallest solution) if singular.
+
+    Singular means affinely dependent gradients on the face: every solution gives the same
+    points x0 and p, so the smallest is as good as any and the best conditioned.
     """
-    norms = np.sqrt(np.maximum(np.diag(M), 0.0))
-    live = norms > 0
-    gradients = b[:, None] + radius * M / np.where(live, norms, 1.0)[None, :]
-    own = np.diag(gradients)
-    optimal = live & (gradients.min(axis=0) >= own - 1e-9 * (np.abs(own) + radius))
-    if not optimal.any():
-        return None
-    value = b + radius * norms  # F(e_i)
-    best = int(np.flatnonzero(optimal)[np.argmin(value[optimal])])
-    w = np.zeros(M.shape[0])
-    w[best] = 1.0
-    return w
+    try:
+        solution = np.linalg.solve(system, rhs)
+        residual = float(np.max(np.abs(system @ solution - rhs)))
+        if np.isfinite(solution).all() and residual <= 1e-10 * max(
+                1.0, float(np.abs(solution).max())):
+            return solution
+    except np.linalg.LinAlgError:
+        pass
+    return np.linalg.lstsq(system, rhs, rcond=1e-13)[0]
 
 
 def dual_cone_weights(gramian: np.ndarray, targets: np.ndarray, reg_eps: float = 0.0) -> np.ndarray:
     """For each row u of ``targets``, v*(u) = argmin over v >= u of v^T M v (rows of the result).
 
-    J^T v*(u) is the projection of J^T u onto the dual cone {x : J x >= 0} (UPGrad, DualProj;
-    METHODS.md Section 15). The problem is covariant under rescaling each task: with N = diag(s),
-    v*(u) for M is N^-1 y*(N u) for N^-1 M N^-1. With reg_eps = 0 it is solved on the cosine
-    matrix (s = gradient norms), which stays accurate when norms differ by orders of magnitude
+    J^T v*(u) is the projection of J^T u onto the dual cone {x : J x >= 0} (UPGrad, DualProj:
+    Quinton & Rey 2024; docs/methods.md#dual-cone). The problem is covariant under rescaling
+    each task: with N = diag(s), v*(u) for M is N^-1 y*(N u) for N^-1 M N^-1. With reg_eps = 0
+    it is solved on the cosine matrix (s = gradient norms), which stays accurate when norms
+    differ by orders of magnitude
     (on M / tr(M) a norm 1e-3 of the largest puts eigenvalues at 1e-12, where the eigensolver's
     error is 2e-4 relative, measured as conflicts of 6e-5). With reg_eps > 0 it is TorchJD's
     problem, M / tr(M) + reg_eps I.
@@ -390,13 +615,13 @@ def nash_bargaining_weights(
 ) -> tuple[np.ndarray, bool]:
     """alpha > 0 with alpha_i (M alpha)_i = 1 for every task with a nonzero gradient.
 
-    Nash-MTL's bargaining solution (METHODS.md Section 13). It minimizes the convex
-    f(alpha) = alpha^T M alpha / 2 - sum_i log alpha_i, whose gradient is M alpha - 1/alpha:
-    damped Newton steps (Hessian M + diag(1 / alpha^2)) with backtracking that keeps alpha > 0.
-    Tasks with zero gradient get alpha_i = 0. Returns (alpha, converged); it does not converge
-    when the hull of the gradients contains 0 (Pareto-stationary: alpha diverges along a null
-    vector of M), and then stops after ``max_iterations`` with the last iterate, which may
-    conflict with a task (the caller must repair it, see ``NashMTL``).
+    Nash-MTL's bargaining solution (Navon et al., ICML 2022; docs/methods.md#nash_mtl). It
+    minimizes the convex f(alpha) = alpha^T M alpha / 2 - sum_i log alpha_i, whose gradient is
+    M alpha - 1/alpha: damped Newton steps (Hessian M + diag(1 / alpha^2)) with backtracking
+    that keeps alpha > 0. Tasks with zero gradient get alpha_i = 0. Returns (alpha, converged);
+    it does not converge when the hull of the gradients contains 0 (Pareto-stationary: alpha
+    diverges along a null vector of M), and then stops after ``max_iterations`` with the last
+    iterate, which may conflict with a task (the caller must repair it, see ``NashMTL``).
 
     Scale: the equation is covariant under rescaling each task. With N = diag(n), n_i = ||g_i||
     and the cosine matrix K = N^-1 M N^-1, beta = N alpha solves beta_i (K beta)_i = 1, so
@@ -471,6 +696,8 @@ _NULL_RTOL = 1e-12
 
 def stationary_support(gramian: np.ndarray) -> np.ndarray:
     """The tasks in some vanishing non-negative combination of the gradients (a mask).
+
+    Weak Pareto-stationarity restricted to a set of tasks (docs/methods.md#stationarity).
 
     The largest support of {v >= 0 : J^T v = 0}: the union of all such supports is one (the set
     is a convex cone, so the sum of two members is a member). A zero gradient is in it (v = e_i).

@@ -31,19 +31,24 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from . import kernels
-from .errors import InvalidOptionError, NonFiniteGradientError
+from .errors import InvalidOptionError
+from .finite import NonFinite
+from .graph import reaches
 from .jacobian import gradients, row_chunks
 
-_TRACKERS: weakref.WeakKeyDictionary[nn.Module, LayerTracker] = weakref.WeakKeyDictionary()
+# The attribute of a tracked trunk that holds (a weak reference to) its tracker. The trunk's
+# hooks hold the tracker itself, so it lives as long as it is registered; a weak reference
+# keeps copies of the module from sharing or reviving it (copy.deepcopy copies it as is).
+TRACKER_ATTRIBUTE = "_deconflict_tracker"
 # Forward passes without a backward after which the tracker warns (each keeps its graph alive).
 _PENDING_WARNING = 32
 # Largest kernel matrix K (N x N float64) the Linear rule builds, in elements.
@@ -77,6 +82,18 @@ class LayerTracker:
     gradients are disabled (``torch.no_grad()``) are not recorded; ``deconflict.backward``
     consumes the records; ``clear()`` drops them (e.g. after an evaluation forward pass run with
     gradients enabled); ``remove()`` unregisters the hooks.
+
+    >>> import torch, deconflict
+    >>> trunk = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> tracker = deconflict.track(trunk)
+    >>> z = trunk(torch.randn(5, 3))
+    >>> [call.name for call in tracker.calls]  # the modules that own parameters
+    ['0', '2']
+    >>> with torch.no_grad():
+    ...     _ = trunk(torch.randn(5, 3))
+    >>> len(tracker.calls)  # not recorded: no gradient will flow
+    2
+    >>> tracker.remove()
     """
 
     def __init__(self, trunk: nn.Module) -> None:
@@ -95,6 +112,8 @@ class LayerTracker:
                 self.owners.setdefault(id(param), []).append(name)
             self._handles.append(module.register_forward_hook(self._hook(name)))
         self._handles.append(trunk.register_forward_pre_hook(self._count))
+        # Tracked-ness is a property of the trunk itself, read by tracker_of.
+        object.__setattr__(trunk, TRACKER_ATTRIBUTE, weakref.ref(self))
 
     def _count(self, module: nn.Module, args: Any) -> None:
         if not torch.is_grad_enabled():
@@ -106,7 +125,7 @@ class LayerTracker:
                 "deconflict.backward; their records keep the graphs alive. Run evaluation under "
                 "torch.no_grad(), or call tracker.clear().", RuntimeWarning, stacklevel=3)
 
-    def _hook(self, name: str):
+    def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         def record(module: nn.Module, args: Any, output: Any) -> None:
             if not torch.is_grad_enabled():
                 return
@@ -136,33 +155,49 @@ class LayerTracker:
             handle.remove()
         self._handles = []
         self.clear()
-        _TRACKERS.pop(self.trunk, None)
+        if tracker_of(self.trunk) is self:
+            object.__delattr__(self.trunk, TRACKER_ATTRIBUTE)
 
 
 def track(trunk: nn.Module) -> LayerTracker:
     """Record the trunk's layer calls so that ``backward(..., mode="gramian")`` can use them.
 
-    Call once, before the first forward pass; pass the same module as ``shared_params``.
+    Call once, before the first forward pass; pass the same module as ``shared_params``. The
+    trunk is then tracked (``tracker_of(trunk)``), and ``mode="auto"`` uses Gramian-only mode
+    for the methods that need only the Gramian; ``tracker.remove()`` untracks it.
+
+    >>> import deconflict, torch
+    >>> trunk = torch.nn.Linear(3, 4)
+    >>> tracker = deconflict.track(trunk)
+    >>> z = trunk(torch.randn(5, 3))
+    >>> record = deconflict.backward([z[:, 0].mean(), z[:, 1].pow(2).mean()], trunk, "upgrad")
+    >>> record.mode, deconflict.tracker_of(trunk) is tracker
+    ('gramian', True)
+    >>> tracker.remove(); deconflict.tracker_of(trunk) is None
+    True
     """
     if not isinstance(trunk, nn.Module):
         raise TypeError(f"track needs the shared trunk as an nn.Module, got {type(trunk).__name__}")
-    existing = _TRACKERS.get(trunk)
+    existing = tracker_of(trunk)
     if existing is not None:
         return existing
-    tracker = LayerTracker(trunk)
-    _TRACKERS[trunk] = tracker
-    return tracker
+    return LayerTracker(trunk)
 
 
-def tracker_of(shared_params: Any) -> LayerTracker:
-    tracker = _TRACKERS.get(shared_params) if isinstance(shared_params, nn.Module) else None
-    if tracker is None:
-        raise InvalidOptionError(
-            "mode='gramian' needs the shared trunk as a module tracked before the forward pass: "
-            "call tracker = deconflict.track(trunk) once, then backward(losses, trunk, method, "
-            "mode='gramian')"
-        )
-    return tracker
+def tracker_of(trunk: Any) -> LayerTracker | None:
+    """The tracker of a trunk that ``track`` registered (and that was not removed), or None.
+
+    Read from the module itself: a copy of a tracked module is not tracked.
+
+    >>> import torch
+    >>> tracker_of(torch.nn.Linear(2, 2)) is None
+    True
+    """
+    if not isinstance(trunk, nn.Module):
+        return None
+    ref = trunk.__dict__.get(TRACKER_ATTRIBUTE)
+    tracker = None if ref is None else ref()
+    return tracker if tracker is not None and tracker.trunk is trunk else None
 
 
 def _differentiable_source(output: Tensor) -> Tensor:
@@ -192,13 +227,15 @@ def _tensors(value: Any) -> list[Tensor]:
 def tracked_gramian(
     tracker: LayerTracker, rows: Sequence[Tensor], shared: Sequence[tuple[str, Tensor, str]],
     chunk_size: int | None, scale: float = 1.0,
-) -> tuple[Tensor, set[int], dict[str, Tensor]]:
+) -> tuple[Tensor, set[int], dict[str, Tensor]] | NonFinite:
     """M (R x R float64) of the rows' gradients w.r.t. the shared parameters, from the records.
 
     Returns M, the ids of the shared parameters some row reaches, and each layer's share of M
-    (keyed by the layer of its parameters, as ``update.layer_gramians``). With loss scaling, the
-    rows are ``scale`` times the losses and M is that of the losses' gradients (divided by
-    ``scale``^2, exact for a power of two).
+    (keyed by the layer of its parameters, as ``update.layer_gramians``); or, when a layer's
+    share is not finite (a NaN or infinity in some row's gradient reaches its diagonal), what
+    was found, naming the layer (``docs/methods.md#gramian``). With loss scaling, the rows are
+    ``scale`` times the losses and M is that of the losses' gradients (divided by ``scale``^2,
+    exact for a power of two).
     """
     R = len(rows)
     if not tracker.calls:
@@ -228,23 +265,24 @@ def tracked_gramian(
             if len(chunks) == 1:
                 deltas[e] = grad  # (R, *shape): no copy
                 continue
-            if deltas[e] is None:
-                deltas[e] = grad.new_zeros(R, *grad.shape[1:])
-            deltas[e][chunk.start:chunk.stop] = grad
+            stacked = deltas[e]
+            if stacked is None:
+                stacked = deltas[e] = grad.new_zeros(R, *grad.shape[1:])
+            stacked[chunk.start:chunk.stop] = grad
         del grads
     # Per call: the stacked Delta of each output (R, *shape), or None if no row reaches it.
     call_deltas: list[list[Tensor] | None] = []
     e = 0
     for call in calls:
-        own = deltas[e:e + len(call.edges)]
-        own_shapes = shapes[e:e + len(call.edges)]
+        outputs = deltas[e:e + len(call.edges)]
+        output_shapes = shapes[e:e + len(call.edges)]
         e += len(call.edges)
-        if all(d is None for d in own):
+        if all(d is None for d in outputs):
             call_deltas.append(None)
             continue
         call_deltas.append([
             torch.zeros(R, *shape, dtype=dtype, device=device) if d is None else d
-            for d, (shape, dtype, device) in zip(own, own_shapes, strict=True)])
+            for d, (shape, dtype, device) in zip(outputs, output_shapes, strict=True)])
     del deltas
 
     names = {id(p): name for name, p, _ in shared}
@@ -261,20 +299,21 @@ def tracked_gramian(
     pending: dict[int, Tensor] = {}
     for indices in by_module.values():
         module = calls[indices[0]].module
-        own = [p for _, p in module.named_parameters(recurse=False)
-               if p.requires_grad and id(p) in shared_ids]
+        own: list[Tensor] = [p for _, p in module.named_parameters(recurse=False)
+                             if p.requires_grad and id(p) in shared_ids]
         if not own:
             continue
+        # by_module holds the calls some row reaches: their Deltas are not None.
+        module_deltas = cast(list[list[Tensor]], [call_deltas[i] for i in indices])
         linear = all(calls[i].linear_input is not None for i in indices)
         if linear and not any(id(p) in tied for p in own):
-            part = _linear_gramian(module, [calls[i] for i in indices],
-                                   [call_deltas[i][0] for i in indices], R)
+            part = _linear_gramian(cast(nn.Linear, module), [calls[i] for i in indices],
+                                   [d[0] for d in module_deltas], R)
         else:
-            part = _generic_gramian(module, [calls[i] for i in indices],
-                                    [call_deltas[i] for i in indices], own, tied, pending,
-                                    chunk_size, R)
+            part = _generic_gramian(module, [calls[i] for i in indices], module_deltas, own,
+                                    tied, pending, chunk_size, R)
         if not bool(torch.isfinite(part).all()):
-            raise NonFiniteGradientError(
+            return NonFinite(
                 f"the gradient of a loss with respect to the parameters of {calls[indices[0]].name}"
                 " contains NaN or infinity")
         M += part
@@ -284,8 +323,8 @@ def tracked_gramian(
         part = torch.zeros(R, R, dtype=torch.float64)
         kernels.gramian_into(block, part)
         if not bool(torch.isfinite(part).all()):
-            raise NonFiniteGradientError(f"the gradient of a loss with respect to shared "
-                                         f"parameter {names[pid]} contains NaN or infinity")
+            return NonFinite(f"the gradient of a loss with respect to shared "
+                             f"parameter {names[pid]} contains NaN or infinity")
         M += part
         _add_layer(by_layer, layer_of[pid], part)
     if scale != 1.0:
@@ -304,8 +343,8 @@ def _linear_gramian(
     """<grad_i, grad_j> over the weight and bias of a Linear layer, from inputs and Delta."""
     n_in, n_out = module.in_features, module.out_features
     # The input as the layer multiplied it: cast to its output's dtype under autocast.
-    X = _rows_of([call.linear_input.detach().reshape(-1, n_in).to(call.output_shapes[0][1])
-                  for call in calls], dim=0)
+    X = _rows_of([cast(Tensor, call.linear_input).detach().reshape(-1, n_in)
+                  .to(call.output_shapes[0][1]) for call in calls], dim=0)
     D = _rows_of([d.detach().reshape(R, -1, n_out) for d in deltas], dim=1)  # R x N x n_out
     N = X.shape[0]
     M = torch.zeros(R, R, dtype=torch.float64)
@@ -349,21 +388,23 @@ def _generic_gramian(
     for call, call_deltas in zip(calls, deltas, strict=True):
         for chunk in row_chunks(R, chunk_size):
             grad_outputs = [d[chunk.start:chunk.stop] for d in call_deltas]
+            grads: list[Tensor | None]
             if len(chunk) == 1:
-                grads = torch.autograd.grad(call.edges, own, grad_outputs=[g[0] for g in
-                                                                           grad_outputs],
-                                            allow_unused=True, retain_graph=True)
-                grads = [None if g is None else g.unsqueeze(0) for g in grads]
+                single = torch.autograd.grad(call.edges, own, grad_outputs=[g[0] for g in
+                                                                            grad_outputs],
+                                             allow_unused=True, retain_graph=True)
+                grads = [None if g is None else g.unsqueeze(0) for g in single]
             else:
-                grads = torch.autograd.grad(call.edges, own, grad_outputs=grad_outputs,
-                                            is_grads_batched=True, allow_unused=True,
-                                            retain_graph=True)
+                grads = list(torch.autograd.grad(call.edges, own, grad_outputs=grad_outputs,
+                                                 is_grads_batched=True, allow_unused=True,
+                                                 retain_graph=True))
             for k, grad in enumerate(grads):
                 if grad is None:
                     continue
-                if blocks[k] is None:
-                    blocks[k] = grad.new_zeros(R, own[k].numel())
-                blocks[k][chunk.start:chunk.stop] += grad.reshape(len(chunk), -1)
+                block = blocks[k]
+                if block is None:
+                    block = blocks[k] = grad.new_zeros(R, own[k].numel())
+                block[chunk.start:chunk.stop] += grad.reshape(len(chunk), -1)
     M = torch.zeros(R, R, dtype=torch.float64)
     for param, block in zip(own, blocks, strict=True):
         if block is None:
@@ -382,18 +423,9 @@ def _check_not_recurrent(calls: list[_Call], own: list[Tensor]) -> None:
     """A call whose input depends on the same parameters would be differentiated twice."""
     own_ids = {id(p) for p in own}
     for call in calls:
-        seen: set[Any] = set()
-        pending = list(call.input_nodes)
-        while pending:
-            node = pending.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            variable = getattr(node, "variable", None)
-            if variable is not None and id(variable) in own_ids:
-                raise InvalidOptionError(
-                    f"{call.name} is applied to a result of its own parameters (a recurrence or "
-                    "a tied weight); Gramian-only mode cannot separate the uses: use "
-                    "mode='sequential' or 'batched'"
-                )
-            pending.extend(child for child, _ in node.next_functions)
+        if reaches(call.input_nodes, own_ids):
+            raise InvalidOptionError(
+                f"{call.name} is applied to a result of its own parameters (a recurrence or "
+                "a tied weight); Gramian-only mode cannot separate the uses: use "
+                "mode='sequential' or 'batched'"
+            )

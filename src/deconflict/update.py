@@ -3,21 +3,27 @@ output becomes d-dimensional. ``aggregate`` and the engine both go through ``com
 
 Input: the Jacobian in column blocks J_k (R x d_k; one per parameter tensor in the engine), a
 name per block for error messages, and a layer key per block (blocks of one module share it).
-The Gramian is accumulated per block in float64, M = sum_k M_k; then by the method's kind:
+The Gramian is accumulated per block in float64, M = sum_k M_k (``docs/methods.md#gramian``);
+then by the method's protocol (``methods.base``):
 
-- "gramian" / "losses": c from M (for a "last_layer" loss weighting, from the Gramian of the
-  last layer's blocks), update_k = J_k^T c;
-- "block_gramians": c^(g) from each group's Gramian, update_k = J_k^T c^(group of k);
-- "jacobian": the method maps the blocks to their updates itself.
+- ``GramianWeighting``, ``LossWeighting`` and a single-group ``BlockWeighting``: c from M (for a
+  "last_layer" loss weighting, from the Gramian of the last layer's blocks), update_k = J_k^T c;
+- ``BlockWeighting``: c^(g) from each group's Gramian, update_k = J_k^T c^(group of k);
+- ``JacobianAggregator``: the method maps the blocks to their updates itself.
 
 An update J^T c whose norm is below its own float64 rounding error (``gramian.rounding_floor``;
-e.g. at a Pareto-stationary point) is made exact zeros: its direction would be noise. The
-update is returned unwritten (``Update``): the engine writes it into ``.grad`` in place.
+e.g. at a Pareto-stationary point, ``docs/methods.md#stationarity``) is made exact zeros: its
+direction would be noise. The update is returned unwritten (``Update``): the engine writes it
+into ``.grad`` in place.
 
-Loss scaling (``scale`` = s, a ``torch.amp.GradScaler``'s scale): the blocks are then the
-gradients of s L_i. The method sees the Gramian of the gradients of the L_i, M = (s^2 M) / s^2
-(exact for a power of two, as a GradScaler's scale is), and the update is s J^T c: the product of
-the scaled blocks with the same weights, which ``scaler.step`` divides by s again.
+Non-finite values (``docs/methods.md#non-finite``) are returned as a ``finite.NonFinite``
+finding, not raised: a NaN in the gradients, an update that would overflow its dtype. The
+engine raises it, or skips the step under loss scaling; ``aggregate`` raises it.
+
+Loss scaling (``scaling.LossScale``, s a ``torch.amp.GradScaler``'s scale): the blocks are then
+the gradients of s L_i. The method sees the Gramian of the gradients of the L_i, M = (s^2 M) /
+s^2 (exact for a power of two, as a GradScaler's scale is), and the update is s J^T c: the
+product of the scaled blocks with the same weights, which ``scaler.step`` divides by s again.
 """
 
 from __future__ import annotations
@@ -30,11 +36,43 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import InvalidOptionError, NonFiniteError, NonFiniteGradientError, ShapeError
+from .errors import InvalidOptionError, NonFiniteError, ShapeError
+from .finite import NonFinite
 from .gramian import check_block, combine_block, gramian_of_blocks, rounding_floor
 from .kernels import Rows
 from .linalg import single_threaded_blas
-from .methods.base import Method
+from .methods.base import (
+    BlockWeighting,
+    GramianWeighting,
+    JacobianAggregator,
+    LossWeighting,
+    Method,
+)
+from .scaling import NO_SCALE, LossScale
+
+# The methods whose weights c come from a Gramian: ``weights_with_diagnostics(M, ...)``.
+WeightsFromGramian = GramianWeighting | LossWeighting | BlockWeighting
+
+
+def weighs_by_gramian(method: Method) -> bool:
+    """Whether the method's update is J^T c with c from the Gramian M (and the losses) alone.
+
+    True for Gramian and loss weightings, and for a block weighting whose blocks form one group
+    (GradVac with granularity="whole"): these run in Gramian-only mode, and have task weights.
+
+    >>> import deconflict
+    >>> [weighs_by_gramian(deconflict.get(name)) for name in ("upgrad", "mean", "graddrop")]
+    [True, True, False]
+    """
+    if isinstance(method, BlockWeighting):
+        return method.single_group
+    return not isinstance(method, JacobianAggregator)
+
+
+def last_layer_scope(method: Method) -> bool:
+    """Whether the method weighs the losses from the Gramian of the last shared layer only
+    (GradNorm's gradient norms)."""
+    return isinstance(method, LossWeighting) and method.gradient_scope == "last_layer"
 
 
 @dataclass(frozen=True)
@@ -61,6 +99,7 @@ class Update:
         if self.block_weights is not None:
             combine_block(block, self.block_weights[index], out, accumulate=accumulate)
             return
+        assert self.block_updates is not None  # one of the two is set (see the class docstring)
         update = self.block_updates[index].view_as(out).to(out.dtype)
         if accumulate:
             out.add_(update)
@@ -70,6 +109,7 @@ class Update:
     def materialize(self, blocks: Sequence[Rows]) -> list[Tensor]:
         """Each block's update as a new flat tensor in the block's dtype."""
         if self.block_weights is None:
+            assert self.block_updates is not None
             return list(self.block_updates)
         return [combine_block(block, r) for block, r in zip(blocks, self.block_weights,
                                                              strict=True)]
@@ -102,69 +142,60 @@ def compute_update(
     losses: Any = None,
     combinations: np.ndarray | None = None,
     features: Sequence[Tensor] | None = None,
-    scale: float = 1.0,
+    scale: LossScale = NO_SCALE,
     gramians: tuple[list[Tensor], Tensor] | None = None,
-) -> Update:
+) -> Update | NonFinite:
     """The method's update for a Jacobian given in blocks (see the module docstring).
 
-    ``scale``: the blocks are the gradients of ``scale`` times the losses (loss scaling).
+    ``scale``: the blocks are the gradients of the losses scaled by it (loss scaling).
     ``gramians``: the blocks' Gramians from ``checked_gramians`` (computed here if None).
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    >>> blocks, names = split_columns(J)
+    >>> update = compute_update(deconflict.get("mean"), blocks, names, names)
+    >>> update.weights, update.materialize(blocks)
+    (tensor([0.5000, 0.5000], dtype=torch.float64), [tensor([0.5000, 1.0000])])
     """
     if gramians is None:
-        gramians = checked_gramians(blocks, names, scale=scale,
-                                    combination=combinations is not None)
+        checked = checked_gramians(blocks, names, scale=scale,
+                                   combination=combinations is not None)
+        if isinstance(checked, NonFinite):
+            return checked
+        gramians = checked
     block_gramians, M = gramians
     by_layer = layer_gramians(block_gramians, layers)
-    kind = method.kind
-    if kind == "block_gramians":
+    if isinstance(method, JacobianAggregator):
+        return _jacobian_update(method, blocks, names, M, losses, features, by_layer, scale)
+    if isinstance(method, BlockWeighting) and not method.single_group:
         return _block_update(method, blocks, block_gramians, layers, M, losses, by_layer, scale)
-    if kind == "jacobian":
-        if losses is None and method.needs_losses:
-            raise InvalidOptionError(f"{method!r} needs the losses: pass losses=[L_1, ..., L_T]")
-        stacked = [_for_jacobian_method(b if isinstance(b, Tensor) else torch.stack(list(b)),
-                                        scale) for b in blocks]
-        updates, diagnostics = method.combine_jacobian(
-            stacked, losses=None if losses is None else np.asarray(losses, dtype=np.float64),
-            features=features)
-        updates = [u.reshape(-1) for u in updates]
-        for update, name in zip(updates, names, strict=True):
-            if not bool(torch.isfinite(update).all()):
-                raise NonFiniteError(f"the update of {method.name} for {name} contains NaN or "
-                                     "infinity")
-        # J D and ||D||^2 block by block, for the conflict diagnostics: O(T d), beside the
-        # O(T^2 d) of the Gramian.
-        products = sum(J.to(u.dtype) @ u for J, u in zip(stacked, updates, strict=True)).cpu()
-        sq_norm = float(sum(torch.dot(u, u).item() for u in updates))
-        updates = [_as_written(u, scale, dtype, name) for u, dtype, name
-                   in zip(updates, blocks_dtypes(blocks), names, strict=True)]
-        return Update(M.cpu(), None, diagnostics, block_updates=updates,
-                      layer_gramians=by_layer, row_products=products.to(torch.float64),
-                      update_sq_norm=sq_norm)
-
     scoped = M
-    if kind == "losses" and method.gradient_scope == "last_layer":
+    if last_layer_scope(method):
         last = [k for k, layer in enumerate(layers) if layer == layers[-1]]
         scoped = torch.stack([block_gramians[k] for k in last]).sum(dim=0)
-    c, r, diagnostics = gramian_weights(method, M, blocks_dtypes(blocks), losses=losses,
-                                        combinations=combinations, scoped=scoped, scale=scale)
+    weighed = gramian_weights(method, M, blocks_dtypes(blocks), losses=losses,
+                              combinations=combinations, scoped=scoped, scale=scale)
+    if isinstance(weighed, NonFinite):
+        return weighed
+    c, r, diagnostics = weighed
     M = M.cpu()
     return Update(M, c, diagnostics, block_weights=[r] * len(blocks), layer_gramians=by_layer,
                   row_products=M @ r, update_sq_norm=float(r @ M @ r))
 
 
 def checked_gramians(
-    blocks: Sequence[Rows], names: Sequence[str], *, scale: float = 1.0,
+    blocks: Sequence[Rows], names: Sequence[str], *, scale: LossScale = NO_SCALE,
     combination: bool = False,
-) -> tuple[list[Tensor], Tensor]:
-    """Each block's Gramian and their sum M (float64), or NonFiniteGradientError naming the task.
+) -> tuple[list[Tensor], Tensor] | NonFinite:
+    """Each block's Gramian and their sum M (float64), or what is not finite, naming the task.
 
     The finiteness check is free: a NaN or infinity in row i reaches M_ii in the pass that forms
     M anyway; only then are the rows themselves read again to name the task and block.
     """
-    block_gramians = [gramian_of_blocks([block]) / scale**2 for block in blocks]
+    block_gramians = [scale.gramian(gramian_of_blocks([block])) for block in blocks]
     M = torch.stack(block_gramians).sum(dim=0)
     if not bool(torch.isfinite(M).all()):
-        raise_non_finite(blocks, names, combination=combination)
+        return non_finite_rows(blocks, names, combination=combination)
     return block_gramians, M
 
 
@@ -172,7 +203,7 @@ def layer_gramians(block_gramians: Sequence[Tensor], layers: Sequence[str]) -> d
     """The Gramian of each layer's blocks (M^(k) = sum of its blocks' Gramians), in layer order.
 
     Blocks of one module share a layer key, so a layer's Gramian is over its weight and bias
-    together: the unit Recon scores (EXPERIMENTS.md Section 6).
+    together: the unit of the Recon scores (``docs/methods.md#recon``).
     """
     by_layer: dict[str, Tensor] = {}
     for gramian, layer in zip(block_gramians, layers, strict=True):
@@ -183,13 +214,16 @@ def layer_gramians(block_gramians: Sequence[Tensor], layers: Sequence[str]) -> d
 
 def gramian_weights(
     method: Method, M: Tensor, dtypes: Sequence[torch.dtype], *, losses: Any = None,
-    combinations: np.ndarray | None = None, scoped: Tensor | None = None, scale: float = 1.0,
-) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    combinations: np.ndarray | None = None, scoped: Tensor | None = None,
+    scale: LossScale = NO_SCALE,
+) -> tuple[Tensor, Tensor, dict[str, Any]] | NonFinite:
     """c from the Gramian (of ``scoped`` if given), and the row weights r with J^T r = J^T c.
 
     r is checked as ``_checked_row_weights`` says; ``dtypes`` are those of the update, which is
-    written as ``scale`` J^T r.
+    written as s J^T r (s the loss scale).
     """
+    if not isinstance(method, WeightsFromGramian):
+        raise InvalidOptionError(f"{method.name} needs more than the Gramian")
     M = M.cpu()
     c, diagnostics = method.weights_with_diagnostics(M if scoped is None else scoped,
                                                      losses=losses, combinations=combinations)
@@ -197,7 +231,10 @@ def gramian_weights(
     # With combinations A, J^T c = (A J)^T r for the r solving A^T r = c.
     r = c if combinations is None else torch.from_numpy(
         np.linalg.lstsq(combinations.T, c.numpy(), rcond=None)[0])
-    return c, _checked_row_weights(method, M, r, dtypes, scale), diagnostics
+    checked = _checked_row_weights(method, M, r, dtypes, scale)
+    if isinstance(checked, NonFinite):
+        return checked
+    return c, checked, diagnostics
 
 
 def blocks_dtypes(blocks: Sequence[Rows]) -> list[torch.dtype]:
@@ -205,9 +242,10 @@ def blocks_dtypes(blocks: Sequence[Rows]) -> list[torch.dtype]:
 
 
 def _block_update(
-    method: Method, blocks: Sequence[Rows], block_gramians: list[Tensor],
-    layers: Sequence[str], M: Tensor, losses: Any, by_layer: dict[str, Tensor], scale: float,
-) -> Update:
+    method: BlockWeighting, blocks: Sequence[Rows], block_gramians: list[Tensor],
+    layers: Sequence[str], M: Tensor, losses: Any, by_layer: dict[str, Tensor],
+    scale: LossScale,
+) -> Update | NonFinite:
     group_of = method.group_blocks(layers)
     count = max(group_of) + 1
     gramians = torch.zeros(count, *M.shape, dtype=torch.float64)
@@ -215,38 +253,43 @@ def _block_update(
         gramians[group] += block_gramians[k].cpu()
     with single_threaded_blas():
         C, diagnostics = method.block_weights(gramians.numpy(), losses=losses)
-    C = torch.from_numpy(np.asarray(C, dtype=np.float64))
-    if C.shape != (count, M.shape[0]):
-        raise NonFiniteError(f"{method.name} returned block weights of shape {tuple(C.shape)}, "
-                             f"expected {(count, M.shape[0])}")
-    rows = []
+    weights = torch.from_numpy(np.asarray(C, dtype=np.float64))
+    if weights.shape != (count, M.shape[0]):
+        raise NonFiniteError(f"{method.name} returned block weights of shape "
+                             f"{tuple(weights.shape)}, expected {(count, M.shape[0])}")
+    rows: list[Tensor] = []
     for group in range(count):
         members = [blocks[k] for k, g in enumerate(group_of) if g == group]
-        rows.append(_checked_row_weights(method, gramians[group], C[group],
-                                         blocks_dtypes(members), scale))
-    diagnostics = {**diagnostics, "block_weights": C, "groups": torch.tensor(group_of)}
+        checked = _checked_row_weights(method, gramians[group], weights[group],
+                                       blocks_dtypes(members), scale)
+        if isinstance(checked, NonFinite):
+            return checked
+        rows.append(checked)
+    diagnostics = {**diagnostics, "block_weights": weights, "groups": torch.tensor(group_of)}
     # J D = sum over groups of M^(g) r^(g): the group Gramians already hold every block.
-    products = sum(gramians[g] @ rows[g] for g in range(count))
+    products = torch.stack([gramians[g] @ rows[g] for g in range(count)]).sum(dim=0)
     sq_norm = float(sum(rows[g] @ gramians[g] @ rows[g] for g in range(count)))
     return Update(M.cpu(), None, diagnostics, block_weights=[rows[g] for g in group_of],
                   layer_gramians=by_layer, row_products=products, update_sq_norm=sq_norm)
 
 
 def _checked_row_weights(
-    method: Method, M: Tensor, r: Tensor, dtypes: Sequence[torch.dtype], scale: float = 1.0
-) -> Tensor:
-    """r, or zeros when ||J^T r|| is below its own rounding error; NonFiniteError if unusable.
+    method: Method, M: Tensor, r: Tensor, dtypes: Sequence[torch.dtype],
+    scale: LossScale = NO_SCALE,
+) -> Tensor | NonFinite:
+    """r, or zeros when ||J^T r|| is below its own rounding error; NonFinite if it overflows
+    (NonFiniteError if the weights themselves are not finite: a defect of the method).
 
     Both are decided before anything is written, from M alone: ||J^T r||^2 = r^T M r, and every
-    element of the written update ``scale`` J^T r is at most ``scale`` sum_i |r_i| ||g_i||.
+    element of the written update s J^T r is at most s sum_i |r_i| ||g_i||.
     """
     if not bool(torch.isfinite(r).all()):
         raise NonFiniteError(f"{method.name} returned non-finite weights {r.tolist()}")
     norms = torch.sqrt(torch.clamp(torch.diagonal(M), min=0.0))
-    bound = scale * float((r.abs() * norms).sum())
+    bound = scale.factor * float((r.abs() * norms).sum())
     largest = min((torch.finfo(dtype).max for dtype in dtypes), default=float("inf"))
     if bound >= largest:
-        raise NonFiniteGradientError(
+        return NonFinite(
             f"the update of {method.name} overflows: its elements may reach {bound:.3g}"
         )
     if float(r @ M @ r) <= rounding_floor(M, r) ** 2:
@@ -254,36 +297,68 @@ def _checked_row_weights(
     return r
 
 
-def raise_non_finite(blocks: Sequence[Rows], names: Sequence[str], combination: bool) -> None:
+def non_finite_rows(blocks: Sequence[Rows], names: Sequence[str], combination: bool
+                    ) -> NonFinite:
     """Name the first task and block whose gradient holds NaN or infinity."""
     for block, name in zip(blocks, names, strict=True):
         for task, row in enumerate(check_block(block)):
             if not bool(torch.isfinite(row).all()):
                 subject = f"combined loss {task}" if combination else f"loss {task}"
-                raise NonFiniteGradientError(
+                return NonFinite(
                     f"the gradient of {subject} with respect to {name} contains NaN or infinity"
                 )
-    raise NonFiniteGradientError(
-        "the task gradients are too large: their Gramian overflows float64")
+    return NonFinite("the task gradients are too large: their Gramian overflows float64")
 
 
-def _for_jacobian_method(block: Tensor, scale: float) -> Tensor:
+def _jacobian_update(
+    method: JacobianAggregator, blocks: Sequence[Rows], names: Sequence[str], M: Tensor,
+    losses: Any, features: Sequence[Tensor] | None, by_layer: dict[str, Tensor],
+    scale: LossScale,
+) -> Update | NonFinite:
+    """A Jacobian method's update, from the (unscaled, widened) blocks themselves."""
+    if losses is None and method.needs_losses:
+        raise InvalidOptionError(f"{method!r} needs the losses: pass losses=[L_1, ..., L_T]")
+    stacked = [_for_jacobian_method(b if isinstance(b, Tensor) else torch.stack(list(b)), scale)
+               for b in blocks]
+    updates, diagnostics = method.combine_jacobian(
+        stacked, losses=None if losses is None else np.asarray(losses, dtype=np.float64),
+        features=features)
+    updates = [u.reshape(-1) for u in updates]
+    for update, name in zip(updates, names, strict=True):
+        if not bool(torch.isfinite(update).all()):
+            raise NonFiniteError(f"the update of {method.name} for {name} contains NaN or "
+                                 "infinity")
+    # J D and ||D||^2 block by block, for the conflict diagnostics: O(T d), beside the
+    # O(T^2 d) of the Gramian.
+    products = torch.stack([J.to(u.dtype) @ u for J, u in zip(stacked, updates, strict=True)]
+                           ).sum(dim=0).cpu()
+    sq_norm = float(sum(torch.dot(u, u).item() for u in updates))
+    written: list[Tensor] = []
+    for update, dtype, name in zip(updates, blocks_dtypes(blocks), names, strict=True):
+        as_written = _as_written(update, scale, dtype, name)
+        if isinstance(as_written, NonFinite):
+            return as_written
+        written.append(as_written)
+    return Update(M.cpu(), None, diagnostics, block_updates=written, layer_gramians=by_layer,
+                  row_products=products.to(torch.float64), update_sq_norm=sq_norm)
+
+
+def _for_jacobian_method(block: Tensor, scale: LossScale) -> Tensor:
     """A block as a Jacobian method gets it: unscaled, and in at least float32.
 
     These methods compute with the gradients themselves (DB-MTL's moving averages): in half
     precision every operation would round to 8 or 11 bits, and unscaling float16 would flush the
     small gradients that loss scaling kept. Widening is exact.
     """
-    wide = block.to(torch.promote_types(block.dtype, torch.float32))
-    return wide if scale == 1.0 else wide / scale
+    return scale.unscaled(block.to(torch.promote_types(block.dtype, torch.float32)))
 
 
-def _as_written(update: Tensor, scale: float, dtype: torch.dtype, name: str) -> Tensor:
+def _as_written(update: Tensor, scale: LossScale, dtype: torch.dtype, name: str
+                ) -> Tensor | NonFinite:
     """A Jacobian method's update of one block, scaled and in the block's dtype, as written."""
-    if scale == 1.0 and update.dtype == dtype:
+    if scale.factor == 1.0 and update.dtype == dtype:
         return update  # checked by compute_update already
-    written = (update if scale == 1.0 else update * scale).to(dtype)
+    written = scale.scaled(update).to(dtype)
     if not bool(torch.isfinite(written).all()):
-        raise NonFiniteGradientError(
-            f"the update for {name} overflows {dtype} (scaled by {scale:g})")
+        return NonFinite(f"the update for {name} overflows {dtype} (scaled by {scale.factor:g})")
     return written

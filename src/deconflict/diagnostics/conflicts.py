@@ -19,7 +19,8 @@ those, so it costs nothing next to the step itself:
   so a step of size lr lowers L_i by about lr n_i p_i.
 
 Comparisons with zero carry a relative tolerance (1e-8 of the product of the norms) so that a
-product zero up to rounding (an exact projection) does not count as a conflict.
+product zero up to rounding (an exact projection) does not count as a conflict. The definitions
+are those of docs/methods.md#stationarity and docs/methods.md#notation.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine import StepRecord
 from ..linalg import cosine_matrix, task_norms
+from ..record import StepRecord
 
 TOLERANCE = 1e-8
 
@@ -57,7 +58,11 @@ class StepConflicts:
 
 
 def pair_indices(num_tasks: int) -> tuple[np.ndarray, np.ndarray]:
-    """The pairs i < j in a fixed order (row-major upper triangle)."""
+    """The pairs i < j in a fixed order (row-major upper triangle).
+
+    >>> [(int(i), int(j)) for i, j in zip(*pair_indices(3))]
+    [(0, 1), (0, 2), (1, 2)]
+    """
     return np.triu_indices(num_tasks, k=1)
 
 
@@ -69,6 +74,25 @@ def step_conflicts(record: StepRecord, scales_task_gradients: bool = False,
     modified gradients be c_i g_i when the method reports no ``projection_coefficients``.
     A step of CAGrad-Fast's subsampled combinations has the Gramian of combined losses, not of
     the tasks: None as well.
+
+    Two tasks whose gradients g_1 = (1, 0) and g_2 = (-1, 1) conflict (cosine -1/sqrt(2));
+    GradOPS's update D = (0.5, 1.5) conflicts with neither (docs/methods.md#gradops):
+
+    >>> import torch
+    >>> import deconflict
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> losses = [w @ torch.tensor([1.0, 0.0]), w @ torch.tensor([-1.0, 1.0])]
+    >>> method = deconflict.GradOPS()
+    >>> record = deconflict.backward(losses, [w], method)
+    >>> w.grad
+    tensor([0.5000, 1.5000])
+    >>> conflicts = deconflict.step_conflicts(record, method.scales_task_gradients)
+    >>> conflicts.cosines.round(4).tolist()
+    [[1.0, -0.7071], [-0.7071, 1.0]]
+    >>> conflicts.conflicting_pairs, conflicts.weak_conflict, conflicts.strong_conflict
+    (1, False, False)
+    >>> conflicts.update_projections.round(4).tolist()   # g_i . D / ||g_i||
+    [0.5, 0.7071]
     """
     if record.gramian is None or record.combinations is not None:
         return None
@@ -98,7 +122,18 @@ def step_conflicts(record: StepRecord, scales_task_gradients: bool = False,
 
 def modified_gradient_coefficients(record: StepRecord,
                                    scales_task_gradients: bool) -> np.ndarray | None:
-    """C (T x T) with g'_i = J^T C_i, or None when the method does not determine it."""
+    """C (T x T) with g'_i = J^T C_i, or None when the method does not determine it.
+
+    For a method that only scales the task gradients, g'_i = c_i g_i and C = diag(c):
+
+    >>> import torch
+    >>> import deconflict
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> losses = [w @ torch.tensor([1.0, 0.0]), w @ torch.tensor([0.0, 2.0])]
+    >>> record = deconflict.backward(losses, [w], "mean", compute_gramian=True)
+    >>> modified_gradient_coefficients(record, scales_task_gradients=True).tolist()
+    [[0.5, 0.0], [0.0, 0.5]]
+    """
     reported = record.diagnostics.get("projection_coefficients")
     if reported is not None and reported.ndim == 2:
         return reported.numpy()

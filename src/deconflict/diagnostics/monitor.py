@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import StepRecord
 from ..errors import InvalidOptionError
 from ..io import write_text
 from ..methods.base import Method
+from ..record import StepRecord
 from .conflicts import StepConflicts, pair_indices, step_conflicts
 
 HISTOGRAM_BINS = 40
@@ -44,6 +44,26 @@ class ConflictMonitor:
         task_names: names for the CSV columns (default task0, task1, ...).
         every: observe one step in ``every`` (the others are counted, not measured).
         tensorboard: a log directory to write TensorBoard events to, or None.
+
+    The cosines are those of docs/methods.md#notation (K = N^-1 M N^-1); weak and strong
+    conflict are defined in docs/methods.md#stationarity.
+
+    >>> import torch
+    >>> import deconflict
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> method = deconflict.GradOPS()
+    >>> monitor = deconflict.ConflictMonitor(method, task_names=["a", "b"])
+    >>> for step in range(3):
+    ...     losses = [w @ torch.tensor([1.0, 0.0]), w @ torch.tensor([-1.0, 1.0])]
+    ...     record = deconflict.backward(losses, [w], method)
+    ...     _ = monitor.observe(record)
+    >>> monitor.pair_names
+    ['a-b']
+    >>> monitor.pair_cosines().round(4).tolist()
+    [[-0.7071], [-0.7071], [-0.7071]]
+    >>> summary = monitor.summary()
+    >>> summary["mean_conflicting_pairs"], summary["strong_non_conflict_fraction"]
+    (1.0, 1.0)
     """
 
     def __init__(self, method: Method | None = None, task_names: Sequence[str] | None = None,
@@ -99,7 +119,7 @@ class ConflictMonitor:
             self._r_sum = r.numpy() if self._r_sum is None else self._r_sum + r.numpy()
             self._r_steps += 1
         if self._writer is not None:
-            self._write_tensorboard(conflicts)
+            self._write_tensorboard(self._writer, self.task_names, conflicts)
         return conflicts
 
     # ---------------------------------------------------------------------------------- state
@@ -176,23 +196,24 @@ class ConflictMonitor:
         directory = Path(directory)
         pairs = [f"cos_{name}" for name in self.pair_names]
         projections = [f"projection_{name}" for name in self.task_names or []]
-        steps = [["step", "conflicting_pairs", "weak_conflict", "strong_conflict", *pairs,
-                  *projections]]
+        steps: list[list[Any]] = [["step", "conflicting_pairs", "weak_conflict",
+                                   "strong_conflict", *pairs, *projections]]
         for k, step in enumerate(self.measured):
             projection = self._projections[k]
             steps.append([step, self._conflicting[k], _flag(self._weak[k]),
                           _flag(self._strong[k]), *_floats(self._pairs[k]),
                           *(_floats(projection) if projection is not None
                             else [""] * len(projections))])
-        layers = [["step", "layer", *pairs]]
+        layers: list[list[Any]] = [["step", "layer", *pairs]]
         for layer, entries in self._layers.items():
             for index, cosines in entries:
                 layers.append([self.measured[index], layer, *_floats(cosines)])
         return {"steps": write_text(directory / "steps.csv", _csv(steps)),
                 "layers": write_text(directory / "layers.csv", _csv(layers))}
 
-    def _write_tensorboard(self, conflicts: StepConflicts) -> None:
-        writer, step = self._writer, self.steps
+    def _write_tensorboard(self, writer: Any, task_names: Sequence[str],
+                           conflicts: StepConflicts) -> None:
+        step = self.steps
         writer.add_scalar("conflict/conflicting_pairs", conflicts.conflicting_pairs, step)
         for name, value in (("weak_conflict", conflicts.weak_conflict),
                             ("strong_conflict", conflicts.strong_conflict)):
@@ -201,7 +222,7 @@ class ConflictMonitor:
         for name, value in zip(self.pair_names, self._pairs[-1], strict=True):
             writer.add_scalar(f"cosine/{name}", float(value), step)
         if conflicts.update_projections is not None:
-            for name, value in zip(self.task_names, conflicts.update_projections, strict=True):
+            for name, value in zip(task_names, conflicts.update_projections, strict=True):
                 writer.add_scalar(f"update_projection/{name}", float(value), step)
         rows, cols = pair_indices(conflicts.num_tasks)
         for layer, K in conflicts.layer_cosines.items():

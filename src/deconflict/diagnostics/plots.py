@@ -6,7 +6,7 @@ function of the same name saves it (what the commands call).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
@@ -15,10 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from numpy.typing import ArrayLike
 
 from ..io import save_figure
 
-Histogram = tuple[Sequence[float], Sequence[float]]  # bin edges, counts
+Histogram = tuple[ArrayLike, ArrayLike]  # bin edges, counts
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
@@ -36,13 +37,20 @@ def cosine_histograms_figure(histograms: Mapping[str, Histogram],
     Each histogram is normalized to a density (its area is 1), so runs of different lengths
     compare; the legend gives each run's number of (step, pair) cosines and the fraction below
     0 (the conflicting pairs, left of the dashed line).
+
+    >>> import numpy as np
+    >>> edges = np.linspace(-1.0, 1.0, 5)
+    >>> figure = cosine_histograms_figure({"sum": (edges, [1, 3, 4, 2])})
+    >>> [text.get_text() for text in figure.axes[0].get_legend().get_texts()][0]
+    'sum: 40.0% of 10 below 0'
+    >>> plt.close(figure)
     """
     figure, axis = plt.subplots(figsize=(9.0, 4.0), layout="constrained")
     # Methods with equal updates (PCGrad and GradOPS at T = 2) draw the same outline: the
     # dashes keep each visible.
     styles = ("-", "--", ":", "-.")
-    for k, (label, (edges, counts)) in enumerate(histograms.items()):
-        edges, counts = np.asarray(edges, dtype=float), np.asarray(counts, dtype=float)
+    for k, (label, (bin_edges, bin_counts)) in enumerate(histograms.items()):
+        edges, counts = np.asarray(bin_edges, dtype=float), np.asarray(bin_counts, dtype=float)
         total = counts.sum()
         if total == 0:  # still named, so a method without measurements is not just missing
             axis.plot([], [], linestyle="none", label=f"{label}: no pairs measured")
@@ -71,7 +79,15 @@ def plot_cosine_histograms(histograms: Mapping[str, Histogram], path: str | Path
 def layer_heatmap_figure(layer_cosines: Mapping[str, np.ndarray], windows: int = 40,
                          title: str = "Conflict per shared layer") -> Figure:
     """Rows: shared layers; columns: training (measured steps in ``windows`` equal windows);
-    colour: the fraction of (step, pair) entries in the window whose cosine is negative."""
+    colour: the fraction of (step, pair) entries in the window whose cosine is negative.
+
+    >>> import numpy as np
+    >>> cosines = {"conv": np.array([[-0.5], [0.2], [-0.1], [0.4]])}   # 4 steps, 1 pair
+    >>> figure = layer_heatmap_figure(cosines, windows=2)
+    >>> figure.axes[0].get_images()[0].get_array().tolist()
+    [[0.5, 0.5]]
+    >>> plt.close(figure)
+    """
     layers = [layer for layer, cosines in layer_cosines.items() if cosines.size]
     steps = max((layer_cosines[layer].shape[0] for layer in layers), default=0)
     windows = max(1, min(windows, steps))

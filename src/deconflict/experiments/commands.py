@@ -1,8 +1,18 @@
 """The experiment commands: ``deconflict run``, ``compare`` and ``sweep`` (see ``cli``).
 
 Each command checks everything a user gave (problem, method and options, settings, output
-directory, grid, metric names) before the first run trains, and writes its reports only once
-every run is done and every report is rendered.
+directory, grid, metric names, the named baseline) before the first run trains, and writes its
+reports (Markdown, CSV and JSON, each atomically) only once every run is done and every report
+is rendered.
+
+``--paired-with NAME`` (compare and sweep) names the method the others are compared with, seed by
+seed (``statistics.paired``: mean difference, 95% bootstrap interval, paired t-test). There is
+no default: which comparison matters is the question the table answers (against single-task for
+the Delta_m claims, against the static grid for GradOPS Appendix C.3, against the paper's
+choice of alpha in a sweep), so the tables hold no paired column unless one is named. In
+``compare`` it is a label of the comparison (``single_task``, ``sum``, ``cagrad(c=0.2)``, or the
+spec form ``cagrad:c=0.2``); in ``sweep`` a value of the swept option (``--paired-with -3``), or any
+method spec, which then runs on the same seeds beside the grid (not on its front).
 """
 
 from __future__ import annotations
@@ -15,21 +25,24 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidOptionError
+from ..errors import DeconflictError, InvalidOptionError
 from ..methods.options import Option
 from ..methods.registry import method_class
 from .problems import PROBLEMS, get_problem
 from .report import (
     compare_csv,
+    compare_json,
     compare_markdown,
-    hypervolume_lines,
     summarize,
     sweep_csv,
+    sweep_json,
+    sweep_markdown,
     sweep_summary,
     sweep_values,
     write_report,
+    write_report_json,
 )
-from .runner import SINGLE_TASK, MethodSpec, run_many
+from .runner import SINGLE_TASK, MethodSpec, parse_value, run_many
 
 
 def method_spec(args: argparse.Namespace, text: str,
@@ -45,8 +58,8 @@ def method_spec(args: argparse.Namespace, text: str,
     if spec.name != SINGLE_TASK:
         written = {part.partition("=")[0].strip().replace("-", "_")
                    for part in text.split(":")[1:]}
-        flags = getattr(args, "command_flags", set())
-        typed = getattr(args, "typed_flags", set())
+        flags: set[str] = getattr(args, "command_flags", set())
+        typed: set[str] = getattr(args, "typed_flags", set())
         for option in method_class(spec.name).OPTIONS:
             for flag in {option.flag, "--" + option.name}:
                 if flag in flags and flag in typed and option.name not in written:
@@ -156,18 +169,53 @@ def command_compare(args: argparse.Namespace) -> int:
     if not args.no_baseline and problem.single_task_baseline and \
             len(problem.tasks(config)) > 1 and all(s.name != SINGLE_TASK for s in specs):
         specs.insert(0, MethodSpec(SINGLE_TASK))
+    baseline = compare_baseline(getattr(args, "baseline", None), specs)
     records = run_many(problem.name, specs, _seeds(args), config, _device(args.device),
                        args.out, args.force, progress=not args.quiet,
                        **execution(args))
-    rows = summarize(problem, config, records)
+    rows = summarize(problem, config, records, baseline=baseline)
     note = next(iter(records.values()))[0]["note"]
-    text = compare_markdown(problem, config, rows, note, args.command_line)
+    text = compare_markdown(problem, config, rows, note, args.command_line, baseline)
+    table = compare_csv(problem, config, rows, baseline)
+    data = compare_json(problem, config, rows, args.command_line, baseline)
     folder = Path(args.out) / problem.name
     write_report(folder / f"{args.name}.md", text)
-    write_report(folder / f"{args.name}.csv", compare_csv(problem, config, rows))
+    write_report(folder / f"{args.name}.csv", table)
+    write_report_json(folder / f"{args.name}.json", data)
     print(text)
-    print(f"written: {folder / (args.name + '.md')}, {folder / (args.name + '.csv')}")
+    print(f"written: {folder / (args.name + '.md')}, {folder / (args.name + '.csv')}, "
+          f"{folder / (args.name + '.json')}")
     return 0
+
+
+def compare_baseline(text: str | None, specs: Sequence[MethodSpec]) -> str | None:
+    """The label of ``--paired-with`` among the compared methods (None without the flag).
+
+    Accepted: a label as the tables print it (``cagrad(c=0.2)``) or a spec that parses to one
+    (``cagrad:c=0.2``); anything else is an InvalidOptionError listing the labels, raised
+    before anything trains.
+
+    >>> specs = [MethodSpec("sum"), MethodSpec("cagrad", {"c": 0.2})]
+    >>> compare_baseline("cagrad:c=0.2", specs)
+    'cagrad(c=0.2)'
+    >>> compare_baseline("mgda", specs)
+    Traceback (most recent call last):
+    ...
+    deconflict.errors.InvalidOptionError: --paired-with 'mgda' is not a method of this ...: sum, ...
+    """
+    if text is None:
+        return None
+    labels = [spec.label for spec in specs]
+    if text.strip() in labels:
+        return text.strip()
+    try:
+        label = MethodSpec.parse(text).label
+    except DeconflictError:
+        label = None
+    if label in labels:
+        return label
+    raise InvalidOptionError(f"--paired-with {text!r} is not a method of this comparison; choose "
+                             f"one of: {', '.join(labels)}")
 
 
 def command_sweep(args: argparse.Namespace) -> int:
@@ -189,35 +237,64 @@ def command_sweep(args: argparse.Namespace) -> int:
     for spec in specs:
         spec.check()
     pair = _pair(problem, config, args.pair)
-    records = run_many(problem.name, specs, _seeds(args), config, _device(args.device),
-                       args.out, args.force, progress=not args.quiet,
+    baseline = sweep_baseline(args, getattr(args, "baseline", None), base, option, specs)
+    extra = [baseline] if baseline is not None and baseline not in specs else []
+    records = run_many(problem.name, [*specs, *extra], _seeds(args), config,
+                       _device(args.device), args.out, args.force, progress=not args.quiet,
                        **execution(args))
     name, swept = base.name, option.name
-    result = sweep_summary(problem, config, specs, swept, records)
+    result = sweep_summary(problem, config, specs, swept, records,
+                           baseline=None if baseline is None else baseline.label)
     metrics = problem.metrics(config)
     folder = Path(args.out) / problem.name
     stem = f"sweep_{name}_{swept}"
     table = sweep_csv(result, swept, metrics)
-    lines = [f"# {problem.name}: {name} swept over {swept}", "",
-             f"Command: `{args.command_line}`", "",
-             f"Data: {next(iter(records.values()))[0]['note'] or 'generated in code'}", "",
-             "| " + swept + " | " + " | ".join(m.name for m in metrics) + " | front |",
-             "|" + "---|" * (len(metrics) + 2)]
-    for k, (value, row) in enumerate(zip(result.values, result.means, strict=True)):
-        shown = "/".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
-        cells = [f"{row[m.name]:.4f}" for m in metrics]
-        mark = "*" if k in result.front else ""
-        lines.append(f"| {shown} | " + " | ".join(cells) + f" | {mark} |")
-    lines += ["", *hypervolume_lines(result, pair)]
-    text = "\n".join(lines) + "\n"
+    data = sweep_json(result, swept, metrics, args.command_line)
+    text = sweep_markdown(problem, result, specs, swept, metrics,
+                          f"{problem.name}: {name} swept over {swept}", args.command_line,
+                          next(iter(records.values()))[0]["note"], pair)
     # The figure is the part that can still fail: render it before any table is written.
     plot = plot_sweep(result, swept, folder / f"{stem}.png",
                       f"{problem.name}: {name} over {swept}", pair)
     write_report(folder / f"{stem}.csv", table)
+    write_report_json(folder / f"{stem}.json", data)
     write_report(folder / f"{stem}.md", text)
     print(text)
-    print(f"written: {folder / (stem + '.md')}, {folder / (stem + '.csv')}, {plot}")
+    print(f"written: {folder / (stem + '.md')}, {folder / (stem + '.csv')}, "
+          f"{folder / (stem + '.json')}, {plot}")
     return 0
+
+
+def sweep_baseline(args: argparse.Namespace, text: str | None, base: MethodSpec,
+                   option: Option, specs: Sequence[MethodSpec]) -> MethodSpec | None:
+    """The spec of a sweep's ``--paired-with`` (None without the flag), checked before training.
+
+    In order: a grid point's label; a value of the swept option (it must be in the grid); any
+    other method spec (``gradops:alpha=-3``, ``sum``), run on the same seeds beside the grid.
+    """
+    if text is None:
+        return None
+    by_label = {spec.label: spec for spec in specs}
+    if text.strip() in by_label:
+        return by_label[text.strip()]
+    parsed = parse_value(text)
+    try:
+        value = _grid_value(base.name, option, parsed)
+    except DeconflictError:
+        value = None
+    else:
+        candidate = MethodSpec(base.name, {**base.options, option.name: value}).label
+        if candidate in by_label:
+            return by_label[candidate]
+    if not text.strip()[:1].isalpha():  # a number or a list of numbers: meant as a value
+        shown = ", ".join(f"{spec.options[option.name]}" for spec in specs)
+        raise InvalidOptionError(f"--paired-with {text}: {option.name} = {text} is not in the "
+                                 f"grid ({shown}); give a grid value or a method spec")
+    spec = method_spec(args, text)
+    if spec.name == SINGLE_TASK:
+        raise InvalidOptionError("--paired-with single_task: a sweep runs no single-task "
+                                 "baseline; give a grid value or a method spec")
+    return by_label.get(spec.label, spec)
 
 
 def _declared(method: str, key: str) -> Option:
@@ -253,6 +330,17 @@ def _pair(problem: Any, config: dict[str, Any], text: str | None) -> tuple[int, 
         raise InvalidOptionError(f"--pair takes two different task metrics of {problem.name} "
                                  f"({', '.join(names)}), comma separated: {what}")
     return names.index(chosen[0]), names.index(chosen[1])
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (the CLI's and the experiment commands' counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -292,3 +380,16 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue interrupted runs from their checkpoints (with "
                         "--checkpoint-every); the result equals an uninterrupted run's")
+
+
+def add_statistics(parser: argparse.ArgumentParser) -> None:
+    """The statistics flags of compare and sweep (``--paired-with``)."""
+    command = parser.prog.rsplit(" ", 1)[-1]
+    where = ("a method of --methods (label or spec: single_task, sum, cagrad:c=0.2)"
+             if command == "compare" else "a value of the swept option (e.g. --paired-with -3), "
+             "or any method spec, run on the same seeds beside the grid")
+    parser.add_argument("--paired-with", dest="baseline", default=None, metavar="NAME",
+                        help="add a table of paired comparisons with NAME over the same seeds: "
+                        "mean difference, 95%% bootstrap interval (10,000 resamples), paired "
+                        f"t-test p-value and verdict per metric; NAME is {where} (default: "
+                        "none)")

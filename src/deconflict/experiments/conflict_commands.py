@@ -4,7 +4,7 @@ diagnose: train each method briefly with a ``ConflictMonitor`` and write, under
 OUT/PROBLEM/diagnose/: per method steps.csv, layers.csv and a per-layer conflict heatmap; for all
 methods a histogram of the pairwise cosines (Recon slides, Figure 1) and report.md.
 
-recon (Shi et al., ICLR 2023; EXPERIMENTS.md Section 6): train with the base method while
+recon (Shi et al., ICLR 2023; docs/methods.md#recon): train with the base method while
 recording every shared layer's cosines, score the layers (S-conflict), branch the top K into
 per-task copies, retrain from scratch with the method, with and without Recon (same seeds), and
 write OUT/PROBLEM/recon/<method>-top<K>-S<S>/report.md with the metrics, parameter counts, layer
@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from ..diagnostics import ConflictMonitor
-from ..diagnostics.plots import plot_cosine_histograms, plot_layer_heatmap
 from ..errors import InvalidOptionError
 from ..io import write_json, write_text
 from ..recon.scores import conflict_scores, top_layers
@@ -30,9 +29,11 @@ from .commands import (
     _config,
     _device,
     _seeds,
+    add_common,
     check_output,
     execution,
     method_spec,
+    positive_int,
     split_specs,
 )
 from .problems import get_problem
@@ -49,7 +50,7 @@ def _layered(cls: type) -> bool:
 
 def _supervised(name: str) -> SupervisedProblem:
     problem = get_problem(name)
-    if not _layered(type(problem)):
+    if not (isinstance(problem, SupervisedProblem) and _layered(type(problem))):
         raise InvalidOptionError(
             f"{problem.name} is not trained for a set number of epochs by layers of a shared "
             f"network; diagnose and recon take {', '.join(problem_names(_layered))}")
@@ -74,6 +75,9 @@ def monitored_run(problem: SupervisedProblem, spec: MethodSpec, config: Mapping[
 
 # ----------------------------------------------------------------------------------- diagnose
 def command_diagnose(args: argparse.Namespace) -> int:
+    # matplotlib is the experiments extra's: imported when a command runs, never by the parser
+    from ..diagnostics.plots import plot_cosine_histograms, plot_layer_heatmap
+
     problem = _supervised(args.problem)
     config = _config(problem, args)
     if args.epochs is not None:
@@ -149,6 +153,8 @@ def diagnose_markdown(problem: SupervisedProblem, config: Mapping[str, Any],
 
 # -------------------------------------------------------------------------------------- recon
 def command_recon(args: argparse.Namespace) -> int:
+    from ..diagnostics.plots import plot_cosine_histograms, plot_layer_heatmap
+
     problem = _supervised(args.problem)
     config = _config(problem, args)
     if config.get("branch"):
@@ -247,9 +253,6 @@ def recon_markdown(problem: SupervisedProblem, config: Mapping[str, Any], base: 
 
 def add_commands(commands: Any) -> None:
     """Register ``diagnose`` and ``recon`` on the CLI's subcommand parser."""
-    from ..cli import _positive_int
-    from .commands import add_common
-
     diagnose = commands.add_parser(
         "diagnose", help="train briefly and report where and how much the task gradients "
         "conflict",
@@ -262,7 +265,7 @@ def add_commands(commands: Any) -> None:
     add_common(diagnose)
     diagnose.add_argument("--method", required=True,
                           help="method spec(s), comma separated, options as name:key=value")
-    diagnose.add_argument("--epochs", type=_positive_int, default=3,
+    diagnose.add_argument("--epochs", type=positive_int, default=3,
                           help="training epochs (default 3)")
     diagnose.add_argument("--tensorboard", action="store_true",
                           help="also write TensorBoard events (needs deconflict[tensorboard])")
@@ -282,8 +285,8 @@ def add_commands(commands: Any) -> None:
                        help="the method of the scoring run (default sum)")
     recon.add_argument("--S", type=float, default=-0.1,
                        help="conflict threshold S in (-1, 0] (default -0.1)")
-    recon.add_argument("--topk", type=_positive_int, default=1,
+    recon.add_argument("--topk", type=positive_int, default=1,
                        help="number of layers to branch (default 1)")
-    recon.add_argument("--score-epochs", type=_positive_int, default=None,
+    recon.add_argument("--score-epochs", type=positive_int, default=None,
                        help="epochs of the scoring run (default: the problem's epochs)")
     recon.set_defaults(handler=command_recon)

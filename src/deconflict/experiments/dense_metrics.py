@@ -33,7 +33,8 @@ Percentages are on the 0-100 scale of the papers' tables.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -188,6 +189,14 @@ class NormalAccumulator:
         return result
 
 
+class Accumulator(Protocol):
+    """One task's metrics over batches: ``update`` per batch, ``compute`` at the end."""
+
+    def update(self, prediction: Tensor, target: Tensor) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+
 class DenseMetrics:
     """The metrics of the given tasks ("segmentation", "depth", "normal") over batches."""
 
@@ -197,8 +206,9 @@ class DenseMetrics:
         if unknown:
             raise ValueError(f"no dense metrics for task {unknown[0]!r}; tasks are "
                              f"{', '.join(TASK_METRICS)}")
-        factories = {"segmentation": lambda: SegmentationAccumulator(classes),
-                     "depth": DepthAccumulator, "normal": NormalAccumulator}
+        factories: dict[str, Callable[[], Accumulator]] = {
+            "segmentation": lambda: SegmentationAccumulator(classes),
+            "depth": DepthAccumulator, "normal": NormalAccumulator}
         self.accumulators = {task: factories[task]() for task in tasks}
 
     def update(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> None:

@@ -74,25 +74,25 @@ def pareto_front(points: np.ndarray) -> np.ndarray:
     return np.array(keep, dtype=int)
 
 
-def hypervolume(points: np.ndarray, reference: Sequence[float]) -> float:
+def hypervolume(points: np.ndarray, reference: Sequence[float] | np.ndarray) -> float:
     """Volume of the region dominated by the points and bounded below by ``reference``
     (objectives maximized). Exact, by slicing along the first objective (fine for the tens of
     points of a sweep, in any dimension)."""
     points = np.asarray(points, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
+    floor = np.asarray(reference, dtype=np.float64)
     if points.size == 0:
         return 0.0
-    points = points[np.all(points > reference, axis=1)]
+    points = points[np.all(points > floor, axis=1)]
     if points.size == 0:
         return 0.0
     if points.shape[1] == 1:
-        return float(points[:, 0].max() - reference[0])
+        return float(points[:, 0].max() - floor[0])
     order = np.argsort(-points[:, 0])
     points = points[order]
     volume = 0.0
     for k in range(len(points)):
         upper = points[k, 0]
-        lower = points[k + 1, 0] if k + 1 < len(points) else reference[0]
+        lower = points[k + 1, 0] if k + 1 < len(points) else floor[0]
         if upper > lower:
-            volume += (upper - lower) * hypervolume(points[:k + 1, 1:], reference[1:])
+            volume += (upper - lower) * hypervolume(points[:k + 1, 1:], floor[1:])
     return volume

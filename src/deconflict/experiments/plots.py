@@ -79,7 +79,7 @@ def toy_trajectories_figure(trajectories: Mapping[str, np.ndarray], *, limit: fl
                   solid_capstyle="round")
         for path_points in np.asarray(paths, dtype=float):
             segments = np.stack([path_points[:-1], path_points[1:]], axis=1)
-            lines = LineCollection(segments, cmap="autumn", norm=time_norm, linewidth=2)
+            lines = LineCollection(list(segments), cmap="autumn", norm=time_norm, linewidth=2)
             lines.set_array(numbers[1:len(path_points)])  # a segment's colour: its end's step
             axis.add_collection(lines)
             axis.scatter(*path_points[0], color="black", s=18, zorder=3)
@@ -96,6 +96,7 @@ def toy_trajectories_figure(trajectories: Mapping[str, np.ndarray], *, limit: fl
     shown = list(axes.flat)[:count]
     figure.colorbar(ScalarMappable(time_norm, "autumn"), ax=shown, shrink=0.8, pad=0.01,
                     label="optimizer step" if steps is not None else "recorded point")
+    assert contours is not None  # set on the first axis: trajectories is not empty
     figure.colorbar(contours, ax=shown, shrink=0.8, pad=0.01, label="mean loss (L1 + L2) / 2")
     end = "end point" if steps is None else f"end point (step {steps:,})"
     handles = [
@@ -195,7 +196,7 @@ def sweep_figure(result: SweepResult, option: str, title: str,
         right.set_ylabel(_pair_label(b))
         bar = figure.colorbar(scatter, ax=right, label=colour_label)
         if not numeric:
-            bar.set_ticks(x)
+            bar.set_ticks(x.tolist())
         right.legend(fontsize=8)
         heading = (f"Pareto front of {front.names}: hypervolume {front.hypervolume:.4g}"
                    if front.indices else f"no finite values of {front.names}: no front")

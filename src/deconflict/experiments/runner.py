@@ -24,7 +24,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import torch
 from .. import __version__
 from ..errors import DataFormatError, InvalidOptionError
 from ..io import save_torch, write_json
+from ..methods.base import Method
 from ..methods.options import parse_options
 from ..methods.registry import get, method_class
 from .problems import get_problem
@@ -43,6 +44,7 @@ from .problems.base import (
     TrainResult,
     essential_config,
 )
+from .problems.settings import Setting
 
 SINGLE_TASK = "single_task"
 
@@ -65,7 +67,8 @@ class MethodSpec:
         args = ",".join(f"{k}={_format(v)}" for k, v in sorted(self.options.items()))
         return f"{self.name}({args})"
 
-    def factory(self):
+    def factory(self) -> Callable[[], Method]:
+        """A fresh method with these options per call (each run, rank or task gets its own)."""
         return lambda: get(self.name, **self.options)
 
     def check(self) -> None:
@@ -135,20 +138,21 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", label).strip("_")
 
 
-def config_key(config: Mapping[str, Any]) -> str:
+def config_key(config: Mapping[str, Any], settings: Iterable[Setting] = ()) -> str:
     """A short hash of a configuration: runs of other settings live beside each other.
 
-    Settings at their neutral value (``NEUTRAL_SETTINGS``) do not count, so adding one to the
-    problems left the earlier runs' keys unchanged.
+    Settings at their neutral value (``NEUTRAL_SETTINGS``, and the problem's ``neutral``
+    ``settings`` at their default) do not count, so adding one to a problem left the earlier
+    runs' keys unchanged.
     """
-    text = json.dumps(_clean(essential_config(config)), sort_keys=True)
+    text = json.dumps(_clean(essential_config(config, settings)), sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def run_path(out: Path, problem: Problem, spec: MethodSpec, seed: int,
              config: Mapping[str, Any]) -> Path:
     return (out / problem.name / "runs" / _slug(spec.label)
-            / f"seed{seed}-{config_key(config)}.json")
+            / f"seed{seed}-{config_key(config, problem.settings())}.json")
 
 
 def _clean(value: Any) -> Any:
@@ -197,12 +201,13 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def _reusable(path: Path, spec: MethodSpec, config: Mapping[str, Any], force: bool
-              ) -> dict[str, Any] | None:
+def _reusable(path: Path, spec: MethodSpec, config: Mapping[str, Any], force: bool,
+              settings: Iterable[Setting] = ()) -> dict[str, Any] | None:
     if force or not path.is_file():
         return None
     record = _read_record(path)
-    if (essential_config(record.get("config") or {}) == essential_config(config)
+    if (essential_config(record.get("config") or {}, settings)
+            == essential_config(config, settings)
             and record.get("options") == _clean(spec.options)):
         return record
     return None
@@ -220,7 +225,7 @@ def preflight(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[st
     spec.check()
     config = _clean(dict(config))
     path = run_path(Path(out), problem, spec, seed, config)
-    if _reusable(path, spec, config, force) is not None:
+    if _reusable(path, spec, config, force, problem.settings()) is not None:
         return
     checkpoints = _checkpoints(path)
     if checkpoints and not resume and not force:
@@ -253,7 +258,7 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
     device = torch.device(device)
     config = _clean(dict(config))
     path = run_path(Path(out), problem, spec, seed, config)
-    reused = _reusable(path, spec, config, force)
+    reused = _reusable(path, spec, config, force, problem.settings())
     if reused is not None:
         return reused
     preflight(problem_name, spec, seed, config, out, force, resume)
@@ -310,10 +315,10 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
     write_json(path, record)
     for plan in plans:  # the record is complete: the checkpoints have served
         if plan:
-            checkpoint = plan["checkpoint"]
-            checkpoint.path.unlink(missing_ok=True)
+            saved: Checkpointing = plan["checkpoint"]
+            saved.path.unlink(missing_ok=True)
             for rank in range(nproc if nproc > 1 else 0):
-                checkpoint.for_rank(rank).path.unlink(missing_ok=True)
+                saved.for_rank(rank).path.unlink(missing_ok=True)
     return record
 
 

@@ -21,6 +21,12 @@ its indices; the decoder mirrors it, max-unpooling with those indices. Default w
   stage and through the shared attention blocks, so no single tensor separates the shared
   parameters from the task-specific ones: representation mode does not apply to MTAN.
 
+Recon (``recon.branch``): SegNet's trunk is traced whole, so any of its layers can be branched;
+MTAN's shared layers are interleaved with the task attention, so ``MTAN.branch`` traces the
+whole body (trunk, shared attention blocks and masks, an ``recon.branch.TaskTrunk`` whose
+masks are task-specific) and splits the chosen shared layers there; each task's stream
+computes only that task's attention path.
+
 Outputs: ``segmentation`` logits B x classes x H x W, ``depth`` B x 1 x H x W, ``normal`` B x 3 x
 H x W with unit length at every pixel. Inputs need H and W of at least 2^len(filters); sizes
 that are not multiples of that power work too (unpooling restores each stage's exact size).
@@ -30,13 +36,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
 from ..errors import InvalidOptionError, ShapeError
-from .problems.base import MultiTaskModel
+from ..recon.branch import BranchedModule, TaskTrunk, branch
+from .multitask import MultiTaskModel
 
 DEFAULT_FILTERS = (64, 128, 256, 512, 512)
 TASK_CHANNELS = {"depth": 1, "normal": 3}
@@ -81,11 +89,21 @@ def _task_channels(tasks: Sequence[str], classes: int) -> dict[str, int]:
     return {task: channels[task] for task in tasks}
 
 
+@torch.fx.wrap
+def check_input_size(x: Tensor, depth: int) -> None:
+    """Refuse inputs that ``depth`` stages of 2x2 pooling cannot take. A leaf of ``torch.fx``
+    traces (a call in the graph, not traced through), so the trunk stays traceable for Recon."""
+    if x.ndim != 4 or min(x.shape[-2:]) < 2 ** depth:
+        raise ShapeError(f"SegNet with {depth} stages needs B x C x H x W inputs with H, W "
+                         f">= {2 ** depth}, got {tuple(x.shape)}")
+
+
 def _initialize(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.xavier_normal_(m.weight)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def _finish(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -123,9 +141,7 @@ class SegNetTrunk(nn.Module):
 
     def forward(self, x: Tensor) -> SegNetFeatures:
         depth = len(self.filters)
-        if x.ndim != 4 or min(x.shape[-2:]) < 2 ** depth:
-            raise ShapeError(f"SegNet with {depth} stages needs B x C x H x W inputs with H, W "
-                             f">= {2 ** depth}, got {tuple(x.shape)}")
+        check_input_size(x, depth)
         features = SegNetFeatures([], [], [], [])
         indices = []
         h = x
@@ -138,7 +154,7 @@ class SegNetTrunk(nn.Module):
             indices.append(index)
         for i in range(depth):
             s = depth - 1 - i
-            up = functional.max_unpool2d(h, indices[s], 2, 2,
+            up = functional.max_unpool2d(h, indices[s], (2, 2), (2, 2),
                                          output_size=features.encoder[s].shape[-2:])
             h = self.decoder_rest[s](self.decoder_first[s](up))
             features.upsampled.append(up)
@@ -147,7 +163,17 @@ class SegNetTrunk(nn.Module):
 
 
 class SegNet(MultiTaskModel):
-    """Multi-task SegNet: shared encoder-decoder, a small head per task (see the module doc)."""
+    """Multi-task SegNet: shared encoder-decoder, a small head per task (see the module doc).
+    Recon may branch any layer of the trunk (``shared``).
+
+    >>> import torch
+    >>> model = SegNet(["depth", "normal"], filters=[4, 8])
+    >>> z, out = model(torch.randn(1, 3, 16, 16))
+    >>> tuple(z.shape), tuple(out["normal"].shape)
+    ((1, 4, 16, 16), (1, 3, 16, 16))
+    """
+
+    supports_branching = True
 
     def __init__(self, tasks: Sequence[str], filters: Sequence[int] = DEFAULT_FILTERS,
                  classes: int = 13) -> None:
@@ -159,8 +185,12 @@ class SegNet(MultiTaskModel):
         _initialize(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        z = self.shared(x).decoder[-1]
-        return z, _finish({task: head(z) for task, head in self.heads.items()})
+        features = self.shared(x)
+        streams = [f.decoder[-1] for f in self.task_streams(features, len(self.heads))]
+        # Branched by Recon, the representation is one final feature map per task's stream.
+        z: Any = tuple(streams) if isinstance(self.shared, BranchedModule) else streams[0]
+        return z, _finish({task: head(h) for (task, head), h in zip(self.heads.items(), streams,
+                                                                    strict=True)})
 
 
 class MTANShared(nn.Module):
@@ -190,8 +220,66 @@ class TaskAttention(nn.Module):
                                      for s in range(len(f)))
 
 
+class MTANBody(TaskTrunk):
+    """MTAN without its heads, for Recon: the shared SegNet trunk and attention blocks and each
+    task's masks (``task_specific``); returns each task's final attended features, in the
+    order of ``attention``. Built by ``MTAN.branch`` around the model's own modules."""
+
+    def __init__(self, shared: MTANShared, attention: nn.ModuleDict) -> None:
+        super().__init__()
+        # The shared modules at the top level, so that their names are those of MTAN.shared's
+        # parameters (the names Recon scores and branches).
+        self.trunk = shared.trunk
+        self.encoder_blocks = shared.encoder_blocks
+        self.decoder_blocks = shared.decoder_blocks
+        self.attention = attention
+        self.task_specific = ("attention",)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return _attend(self.trunk(x), self.encoder_blocks, self.decoder_blocks, self.attention)
+
+
+def _attend(features: SegNetFeatures, encoder_blocks: nn.ModuleList,
+            decoder_blocks: nn.ModuleList, attention: nn.ModuleDict) -> tuple[Tensor, ...]:
+    """Each task's final attended features (MTAN's attention networks, the module docstring)."""
+    depth = len(encoder_blocks)
+    attended = []
+    for module in attention.values():
+        masks = cast(TaskAttention, module)  # ModuleDict is untyped; built in MTAN.__init__
+        a = features.encoder_first[0]
+        for s in range(depth):
+            tap = (features.encoder_first[s] if s == 0
+                   else torch.cat((features.encoder_first[s], a), dim=1))
+            masked = masks.encoder[s](tap) * features.encoder[s]
+            a = functional.max_pool2d(encoder_blocks[s](masked), 2, 2)
+        for i in range(depth):
+            s = depth - 1 - i
+            up = features.upsampled[i]
+            a = functional.interpolate(a, size=up.shape[-2:], mode="bilinear",
+                                       align_corners=True)
+            a = decoder_blocks[s](a)
+            a = masks.decoder[s](torch.cat((up, a), dim=1)) * features.decoder[i]
+        attended.append(a)
+    return tuple(attended)
+
+
 class MTAN(MultiTaskModel):
-    """Multi-task attention network over SegNet (see the module docstring)."""
+    """Multi-task attention network over SegNet (see the module docstring).
+
+    ``branch(layers, num_tasks)`` (Recon) makes layers of ``shared`` task-specific: the body is
+    then one ``recon.BranchedModule`` in ``shared`` (its shared parameters: the still-shared
+    trunk and blocks; the masks move into it, and ``attention`` is removed).
+
+    >>> import torch
+    >>> model = MTAN(["depth", "normal"], filters=[4, 8])
+    >>> model.branch(["trunk.decoder_first.1"], 2)
+    >>> _, out = model(torch.randn(1, 3, 16, 16))
+    >>> tuple(out["depth"].shape), hasattr(model, "attention")
+    ((1, 1, 16, 16), False)
+    """
+
+    shared: MTANShared | BranchedModule
+    attention: nn.ModuleDict
 
     def __init__(self, tasks: Sequence[str], filters: Sequence[int] = DEFAULT_FILTERS,
                  classes: int = 13) -> None:
@@ -204,23 +292,29 @@ class MTAN(MultiTaskModel):
                                     for task, n in channels.items()})
         _initialize(self)
 
+    def branch(self, layers: Sequence[str], num_tasks: int) -> None:
+        """Recon: replace the shared ``layers`` (names as in ``shared``, e.g.
+        ``trunk.encoder_first.2`` or ``encoder_blocks.1``) by one re-initialized copy per task.
+        """
+        if isinstance(self.shared, BranchedModule):
+            raise InvalidOptionError("this MTAN is branched already")
+        if num_tasks != len(self.heads):
+            raise InvalidOptionError(f"MTAN has {len(self.heads)} tasks, not {num_tasks}")
+        body = MTANBody(self.shared, self.attention)
+        branched = branch(body, layers, num_tasks)
+        branched.reset_branches()
+        del self.attention  # the masks live on in the branched body (task-specific there)
+        self.shared = branched
+
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        features = self.shared.trunk(x)
-        depth = len(features.encoder)
-        outputs = {}
-        for task, attention in self.attention.items():
-            a = features.encoder_first[0]
-            for s in range(depth):
-                tap = (features.encoder_first[s] if s == 0
-                       else torch.cat((features.encoder_first[s], a), dim=1))
-                masked = attention.encoder[s](tap) * features.encoder[s]
-                a = functional.max_pool2d(self.shared.encoder_blocks[s](masked), 2, 2)
-            for i in range(depth):
-                s = depth - 1 - i
-                up = features.upsampled[i]
-                a = functional.interpolate(a, size=up.shape[-2:], mode="bilinear",
-                                           align_corners=True)
-                a = self.shared.decoder_blocks[s](a)
-                a = attention.decoder[s](torch.cat((up, a), dim=1)) * features.decoder[i]
-            outputs[task] = self.heads[task](a)
-        return features.decoder[-1], _finish(outputs)
+        if isinstance(self.shared, BranchedModule):
+            attended = self.shared(x)
+            z = attended[0]  # no shared representation (see the module docstring)
+        else:
+            features = self.shared.trunk(x)
+            attended = _attend(features, self.shared.encoder_blocks, self.shared.decoder_blocks,
+                               self.attention)
+            z = features.decoder[-1]
+        outputs = {task: head(a) for (task, head), a in zip(self.heads.items(), attended,
+                                                            strict=True)}
+        return z, _finish(outputs)

@@ -1,6 +1,6 @@
 """The 2-D toy problem (CAGrad paper Section 5.1, reused by GradOPS Figure 2).
 
-theta = (x1, x2), two losses (EXPERIMENTS.md Section 1, checked against the authors' code):
+theta = (x1, x2), two losses (as the CAGrad authors' code defines them, checked against it):
 
     f1 = log(max(|0.5 (-x1 - 7) - tanh(-x2)|, 5e-6)) + 6
     f2 = log(max(|0.5 (-x1 + 3) + tanh(-x2) + 2|, 5e-6)) + 6
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..aggregate import aggregate
-from ..methods.base import Method
+from ..methods.base import AfterStep, BlockWeighting, GramianWeighting, LossWeighting, Method
 
 LOWER = 5e-6
 PARETO_Y = -8.3552
@@ -137,22 +137,22 @@ def optimize(
         recorded = [np.array(points) for points in resume["recorded"]]
         first = resume["step"] + 1
     done = first - 1
-    after_step = [m for m in methods if m.needs_losses_after_step]
+    after_step = [m for m in methods if isinstance(m, AfterStep)]
     for step in range(first, steps + 1):
         losses, J = toy_problem(theta.detach().numpy())
         gramians = J @ np.swapaxes(J, 1, 2)
         updates = np.empty((len(methods), 2))
         for b, method in enumerate(methods):
-            if method.kind == "jacobian":  # needs the gradients themselves
-                updates[b] = aggregate(torch.from_numpy(J[b]), method, losses=losses[b]).numpy()
-            else:
+            if isinstance(method, (GramianWeighting, BlockWeighting, LossWeighting)):
                 updates[b] = method.weights(gramians[b], losses=losses[b]).numpy() @ J[b]
+            else:  # a Jacobian aggregator needs the gradients themselves
+                updates[b] = aggregate(torch.from_numpy(J[b]), method, losses=losses[b]).numpy()
         theta.grad = torch.from_numpy(updates)
         optimizer.step()
         if after_step:
             new_losses = toy_problem(theta.detach().numpy())[0]
             for b, method in enumerate(methods):
-                if method.needs_losses_after_step:
+                if isinstance(method, AfterStep):
                     method.after_step(new_losses[b])
         if step % record_every == 0 or step == steps:
             recorded.append(theta.detach().numpy().copy())

@@ -1,6 +1,7 @@
 """A learnable vector with its own Adam optimizer, for the methods that learn task weights
 (UW, IMTL-L, FAMO, GradNorm). Its gradient is computed in closed form by the method, so no
-autograd graph is involved; the state (values and Adam moments) checkpoints exactly."""
+autograd graph is involved; the state (values and Adam moments) checkpoints exactly through the
+``ADAM`` codec (``methods.state``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import numpy as np
 import torch
 
 from ..errors import ShapeError
+from ..linalg import to_numpy
 from .base import Context, Diagnostics, LossWeighting
 from .options import Option
+from .state import Custom, StateField, cloned
 
 
 class TaskParameters:
@@ -37,19 +40,25 @@ class TaskParameters:
             self.tensor.copy_(torch.from_numpy(np.asarray(values, dtype=np.float64)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"values": self.tensor.detach().clone(), "optimizer": self.optimizer.state_dict()}
+        return {"values": self.tensor.detach().clone(),
+                "optimizer": cloned(self.optimizer.state_dict())}
 
     @classmethod
-    def restore(cls, state: dict[str, Any], lr: float, weight_decay: float = 0.0
-                ) -> TaskParameters:
-        restored = cls(state["values"].numpy(), lr, weight_decay)
-        restored.optimizer.load_state_dict(state["optimizer"])
+    def restore(cls, state: dict[str, Any]) -> TaskParameters:
+        """The parameters ``state_dict`` saved; the saved optimizer state carries the learning
+        rate and weight decay, which ``load_state_dict`` puts back in its parameter group."""
+        restored = cls(to_numpy(state["values"]), lr=0.0)
+        restored.optimizer.load_state_dict(cloned(state["optimizer"]))
         return restored
 
     def check_tasks(self, method: str, T: int) -> None:
         if self.tensor.numel() != T:
             raise ShapeError(f"this {method} has seen {self.tensor.numel()} tasks and now gets "
                              f"{T}; call reset() to start over")
+
+
+# A ``TaskParameters`` (or None) in a method's STATE.
+ADAM = Custom(TaskParameters.state_dict, TaskParameters.restore)
 
 
 class LearnedWeighting(LossWeighting):
@@ -67,9 +76,15 @@ class LearnedWeighting(LossWeighting):
         Option("init", "float", 0.0, "the initial value of every s_i"),
     )
 
+    lr: float
+    init: float
+
+    STATE = (StateField("parameters", ADAM),)
+
+    parameters: TaskParameters | None
+
     def __init__(self, lr: float = 0.025, init: float = 0.0) -> None:
         self._set_options(lr=lr, init=init)
-        self.parameters: TaskParameters | None = None
 
     @property
     def needs_losses(self) -> bool:
@@ -92,13 +107,3 @@ class LearnedWeighting(LossWeighting):
         weights = self._weights_from(s)
         self.parameters.step(self._gradient(s, losses))
         return weights, {"s": s}
-
-    def reset(self) -> None:
-        self.parameters = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.parameters is None else {"parameters": self.parameters.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.parameters = (TaskParameters.restore(state["parameters"], self.lr)
-                           if state.get("parameters") is not None else None)

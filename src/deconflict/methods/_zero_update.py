@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -69,7 +70,8 @@ def note_zero_update(
 def _caller_level() -> int:
     """The stacklevel of the first frame outside deconflict, so the warning names the user's
     call (``backward`` or ``aggregate``) whatever the depth of the engine between them."""
-    level, frame = 2, sys._getframe(2)
+    level = 2
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None and frame.f_globals.get("__name__", "").startswith("deconflict"):
         level, frame = level + 1, frame.f_back
     return level

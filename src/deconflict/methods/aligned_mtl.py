@@ -1,5 +1,5 @@
 """Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task Learning",
-CVPR 2023; METHODS.md Section 14).
+CVPR 2023; ``docs/methods.md#aligned_mtl``).
 
 Make the task gradients orthogonal with equal norms, then combine them. With M = V Lambda V^T,
 keeping the r eigenvalues above ``rtol`` * lambda_max:
@@ -56,6 +56,13 @@ class AlignedMTL(GramianWeighting):
     ``rtol`` (default T * float32 eps). Diagnostics: ``balance`` (the matrix B),
     ``zero_update``: None, or "stationary" (zero at a strongly Pareto-stationary J) or
     "cancelled" (B w = 0 elsewhere; a ``ZeroUpdateWarning`` once per instance).
+
+    The sum of the aligned (orthogonal, equal-norm) gradients:
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> deconflict.aggregate(J, deconflict.AlignedMTL())
+    tensor([0.5681, 0.9468])
     """
 
     name = "aligned_mtl"
@@ -78,14 +85,17 @@ class AlignedMTL(GramianWeighting):
                "T * float32 eps, the official tolerance)", low=0.0, high=1.0, nullable=True),
     )
 
+    scale_mode: str
+    pref_vector: tuple[float, ...] | None
+    rtol: float | None
+
     def __init__(
         self, scale_mode: Literal["min", "median", "rmse"] = "min",
         pref_vector: Sequence[float] | None = None, rtol: float | None = None,
     ) -> None:
         self._set_options(scale_mode=scale_mode, pref_vector=pref_vector, rtol=rtol)
 
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        assert M is not None
+    def _compute(self, M: np.ndarray, context: Context) -> tuple[np.ndarray, Diagnostics]:
         T = M.shape[0]
         rtol = T * _FLOAT32_EPS if self.rtol is None else self.rtol
         B = balance_transformation(M, self.scale_mode, rtol)

@@ -1,35 +1,49 @@
-"""What a method is, and the four kinds of input a method can ask for.
+"""What a method is: four protocols, one per kind of input a method asks for.
 
 Most methods are a rule from the Gramian M = J J^T (T x T) of the task gradients to task weights
-c, and the update of the shared parameters is D = J^T c. Each method declares its ``kind``, which
-tells the engine what to compute before calling it:
+c, and the update of the shared parameters is D = J^T c (``docs/methods.md#notation``). Every
+method subclasses exactly one protocol class, and code chooses what to compute with
+``isinstance``:
 
-- "losses": loss weighting. c depends on the loss values (and the method's state) only, so the
-  engine does one ordinary backward pass of sum_i c_i L_i. ``gradient_scope`` may ask for the
-  Gramian of the last shared layer (GradNorm's gradient norms) or of all shared parameters.
-- "gramian": c = f(M, losses, state) (GradOPS, PCGrad, MGDA, CAGrad, ...).
-- "block_gramians": one weight vector per group of parameter blocks, from that group's Gramian
-  (GradVac per layer); D restricted to group k is J_k^T c^(k).
-- "jacobian": the method needs the per-task gradients themselves (GradDrop's signs, DB-MTL's
-  moving averages) and returns the update block by block.
+- ``GramianWeighting``: c = f(M, context) (GradOPS, PCGrad, MGDA, CAGrad, UPGrad, ...). It may
+  ask for the gradients of combinations A L of the losses instead (``gradient_combinations``,
+  CAGrad-Fast).
+- ``BlockWeighting``: one weight vector per group of parameter blocks, from that group's
+  Gramian (GradVac per layer); D restricted to group k is J_k^T c^(k). With a single group
+  (``single_group``) it runs wherever a Gramian weighting does, through ``weights(M)``.
+- ``JacobianAggregator``: needs the per-task gradients themselves (GradDrop's signs, DB-MTL's
+  moving averages) and returns the update block by block (``combine_jacobian``).
+- ``LossWeighting``: c depends on the loss values (and the method's state) only, so the engine
+  does one ordinary backward pass of sum_i c_i L_i (``docs/methods.md#loss-weighting``);
+  ``gradient_scope`` may ask for the Gramian of the last shared layer (GradNorm) or of all
+  shared parameters.
 
-Context a method may use: ``losses`` (the T loss values) and ``combinations`` (for methods that
-request gradients of combinations of the losses, CAGrad-Fast's task subsampling: the R x T
-matrix A whose rows were differentiated; M is then the R x R Gramian of A J and the weights are
-still over the T tasks).
+Context a method may use: ``losses`` (the T loss values) and ``combinations`` (the R x T matrix
+A whose rows were differentiated, for ``gradient_combinations``: M is then the R x R Gramian of
+A J and the weights are still over the T tasks).
 
-State. Stateful methods keep their state in attributes updated by each call and save and restore
-it exactly with ``state_dict()`` / ``load_state_dict()`` (learnable weights and their optimizer
-state included), so a resumed run follows the same trajectory.
+State (``methods.state``): a stateful method declares the attributes holding its state in
+``STATE``; ``state_dict()`` / ``load_state_dict()`` / ``reset()`` read that declaration, so a
+resumed run follows the same trajectory and nothing outside the method needs to know its state.
+
+Training-loop callbacks are protocols of their own, tested with ``isinstance``: ``AfterStep``
+(the losses after the optimizer step, FAMO) and ``EpochEnd`` (the end of an epoch, DWA).
+
+>>> import deconflict
+>>> from deconflict.methods import AfterStep, JacobianAggregator, LossWeighting
+>>> famo = deconflict.get("famo")
+>>> isinstance(famo, LossWeighting), isinstance(famo, AfterStep), famo.inputs
+(True, True, 'losses only')
+>>> isinstance(deconflict.GradDrop(), JacobianAggregator)
+True
 """
 
 from __future__ import annotations
 
-import math
-from abc import ABC
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -38,9 +52,9 @@ from torch import Tensor
 from ..errors import InvalidOptionError, NonFiniteError, ShapeError
 from ..linalg import as_gramian_array, single_threaded_blas, to_numpy
 from .options import Option
+from .state import GENERATOR, StateField
 
 Diagnostics = dict[str, Any]
-KINDS = ("losses", "gramian", "block_gramians", "jacobian")
 
 
 @dataclass(frozen=True)
@@ -52,23 +66,43 @@ class Context:
     combinations: np.ndarray | None = None
 
 
+@runtime_checkable
+class AfterStep(Protocol):
+    """A method that must be told the losses after the optimizer step, on the same batch (FAMO):
+    call ``method.after_step(losses)`` after ``optimizer.step()``, before the next backward."""
+
+    def after_step(self, losses: Any) -> None: ...
+
+
+@runtime_checkable
+class EpochEnd(Protocol):
+    """A method that keeps per-epoch statistics (DWA): call ``method.end_epoch()`` when a
+    training epoch ends."""
+
+    def end_epoch(self) -> None: ...
+
+
 class Method(ABC):
-    """Base class of every method (see the module docstring for the four kinds).
+    """Base class of every method; subclass one of the four protocols below, not this.
 
     Class attributes describe the method for users and for the engine:
 
     - ``name``: the registry name (lower snake case); ``summary``: one line; ``paper``: citation;
     - ``family``: "scalarization", "projection", "multi-objective" or "loss weighting";
-    - ``stateful``: True when the output depends on earlier calls (then see ``state_dict``);
+    - ``stateful``: True when the output depends on earlier calls;
     - ``needs_features``: the method only makes sense in representation mode (MGDA-UB);
-    - ``needs_losses_after_step``: the method must be told the losses after the optimizer step
-      through ``after_step`` (FAMO).
-    - ``OPTIONS``: the declaration of the constructor's keyword arguments (``options.Option``);
-      the constructor validates them with ``_set_options``, and ``options()``, the repr and the
-      command line read the declaration.
+    - ``OPTIONS``: the declaration of the constructor's keyword arguments (``options.Option``):
+      the constructor hands them to ``_set_options``, and validation, ``options()``, the repr
+      and the command line all read the declaration;
+    - ``STATE``: the attributes that hold the state (``state.StateField``), which
+      ``state_dict``, ``load_state_dict`` and ``reset`` read.
 
-    Gramian and loss-weighting methods implement ``_compute(M, context)``; block-Gramian methods
-    ``block_weights``; Jacobian methods ``combine_jacobian``.
+    >>> import deconflict
+    >>> method = deconflict.get("nash_mtl", update_weights_every=3)
+    >>> method
+    NashMTL(max_norm=1.0, update_weights_every=3)
+    >>> method.inputs, method.stateful, sorted(method.state_dict())
+    ('Gramian', True, ['alpha', 'step'])
     """
 
     name: ClassVar[str]
@@ -76,19 +110,15 @@ class Method(ABC):
     paper: ClassVar[str]
     family: ClassVar[str]
     OPTIONS: ClassVar[tuple[Option, ...]] = ()
+    STATE: ClassVar[tuple[StateField, ...]] = ()
     stateful: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
-    needs_losses_after_step: ClassVar[bool] = False
 
     @property
-    def kind(self) -> str:
-        """What the engine computes for this method: one of ``KINDS``."""
-        return "gramian"
-
-    @property
-    def gradient_scope(self) -> str:
-        """For loss weighting: the Gramian it needs, "none", "last_layer" or "shared"."""
-        return "shared"
+    @abstractmethod
+    def inputs(self) -> str:
+        """What the method computes from, in words (the ``input`` column of
+        ``deconflict methods``)."""
 
     @property
     def needs_losses(self) -> bool:
@@ -105,101 +135,46 @@ class Method(ABC):
         """
         return self.family != "projection"
 
-    # ----------------------------------------------------------------------------- public API
-    def weights(self, gramian: Any = None, *, losses: Any = None, **context: Any) -> Tensor:
-        """Task weights c (T,) float64 such that the update is J^T c."""
-        c, _ = self._run(gramian, losses, context)
-        return c
-
-    def weights_with_diagnostics(
-        self, gramian: Any = None, *, losses: Any = None, **context: Any
-    ) -> tuple[Tensor, Diagnostics]:
-        """Task weights and a dict of method-specific diagnostics (documented per method)."""
-        c, diagnostics = self._run(gramian, losses, context)
-        return c, _as_tensors(diagnostics)
-
-    def _run(
-        self, gramian: Any, losses: Any, context: dict[str, Any]
-    ) -> tuple[Tensor, Diagnostics]:
-        if self.kind == "jacobian":
-            raise InvalidOptionError(
-                f"{self.name} needs the task gradients themselves, not a Gramian: use "
-                "deconflict.aggregate(J, method) or deconflict.backward"
-            )
-        device = gramian.device if isinstance(gramian, Tensor) else torch.device("cpu")
-        M = None if gramian is None else as_gramian_array(gramian)
-        ctx = self._context(M, losses, context)
-        if M is None and (self.kind != "losses" or self.gradient_scope != "none"):
-            raise ShapeError(f"{self.name} needs the Gramian of the task gradients")
-        with single_threaded_blas():
-            c, diagnostics = self._compute(M, ctx)
-        c = np.asarray(c, dtype=np.float64)
-        if c.shape != (ctx.num_tasks,):
-            raise ShapeError(f"{self.name} returned {c.shape[0]} weights for {ctx.num_tasks} tasks")
-        if not np.isfinite(c).all():
-            raise NonFiniteError(f"{self.name} produced non-finite weights {c.tolist()}")
-        return torch.from_numpy(c).to(device), diagnostics
-
-    def aggregate(
-        self, jacobian: Tensor, *, losses: Any = None, block_sizes: Sequence[int] | None = None
-    ) -> Tensor:
-        """The update (d,) for a T x d Jacobian, in J's dtype (see ``update.compute_update``).
-
-        ``block_sizes`` splits the columns of J into parameter blocks, for methods that work per
-        block (GradVac per parameter, DB-MTL); by default J is one block.
-        """
-        from ..update import compute_update, split_columns
-
-        blocks, names = split_columns(jacobian, block_sizes)
-        update = compute_update(self, blocks, names, names, losses=losses)
-        updates = update.materialize(blocks)
-        return updates[0] if len(updates) == 1 else torch.cat(updates)
-
     def head_coefficients(self, weights: np.ndarray | None, losses: np.ndarray) -> np.ndarray:
-        """Weights of the losses in the gradient of the task-specific parameters (the heads).
-
-        Gradient methods: ones (each head gets its ordinary gradient); loss weighting: c.
-        """
-        if self.kind == "losses" and weights is not None:
-            return np.asarray(weights, dtype=np.float64)
+        """Weights of the losses in the gradient of the task-specific parameters (the heads):
+        ones, each head gets its ordinary gradient (loss weighting: c)."""
         return np.ones(len(losses))
 
-    def block_weights(
-        self, gramians: np.ndarray, *, losses: Any = None
-    ) -> tuple[np.ndarray, Diagnostics]:
-        """Block-Gramian methods: weights (K, T) from the K group Gramians (K, T, T)."""
-        raise NotImplementedError(f"{self.name} is not a block-Gramian method")
+    # --------------------------------------------------------------------------------- state
+    def init_state(self) -> dict[str, Any]:
+        """The state of a fresh instance, by attribute (each field's codec's initial value)."""
+        return {field.attribute: field.codec.initial() for field in self.STATE}
 
-    def group_blocks(self, groups: Sequence[str]) -> list[int]:
-        """Block-Gramian methods: a group index per parameter block, from the blocks' layer keys."""
-        return [0] * len(groups)
-
-    def combine_jacobian(
-        self, blocks: Sequence[Tensor], *, losses: np.ndarray | None,
-        features: Sequence[Tensor] | None = None,
-    ) -> tuple[list[Tensor], Diagnostics]:
-        """Jacobian methods: the update of each block (T x d_k -> d_k)."""
-        raise NotImplementedError(f"{self.name} is not a Jacobian method")
-
-    def after_step(self, losses: Any) -> None:  # noqa: B027 - only FAMO needs it
-        """Tell the method the losses after the optimizer step (FAMO); others ignore it."""
-
-    def gradient_combinations(self, num_tasks: int) -> np.ndarray | None:
-        """Rows of losses to differentiate instead of the T tasks (None: the tasks themselves)."""
-        return None
+    def reset(self) -> None:
+        """Forget all state: back to ``init_state()`` (stateless methods: nothing to do)."""
+        for attribute, value in self.init_state().items():
+            setattr(self, attribute, value)
 
     def state_dict(self) -> dict[str, Any]:
-        """The method's state, to checkpoint (empty for stateless methods)."""
-        return {}
+        """A snapshot of the state declared in ``STATE`` (empty for stateless methods)."""
+        return {field.saved_as: field.codec.save(getattr(self, field.attribute))
+                for field in self.STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore state saved by ``state_dict``."""
-        if state:
-            raise InvalidOptionError(f"{self.name} is stateless but got state {sorted(state)}")
+        """Restore a snapshot of ``state_dict``; entries it lacks start fresh. All or nothing:
+        a state that is refused leaves the method as it was."""
+        known = {field.saved_as for field in self.STATE}
+        unknown = sorted(set(state) - known)
+        if unknown and not known:
+            raise InvalidOptionError(f"{self.name} is stateless but got state {unknown}")
+        if unknown:
+            raise InvalidOptionError(f"{self.name} keeps no state {unknown}; its state is "
+                                     f"{sorted(known)}")
+        values = self.init_state()
+        for field in self.STATE:
+            if field.saved_as in state:
+                values[field.attribute] = field.codec.load(
+                    state[field.saved_as], values[field.attribute],
+                    f"{self.name} state {field.saved_as!r}")
+        for attribute, value in values.items():
+            setattr(self, attribute, value)
 
-    def reset(self) -> None:  # noqa: B027 - a no-op for stateless methods, on purpose
-        """Forget all state (stateless methods: nothing to do)."""
-
+    # ------------------------------------------------------------------------------- options
     def options(self) -> dict[str, Any]:
         """The options this instance was built with (shown in its repr), as declared."""
         return {option.name: getattr(self, option.key) for option in self.OPTIONS}
@@ -208,19 +183,42 @@ class Method(ABC):
         args = ", ".join(f"{key}={value!r}" for key, value in self.options().items())
         return f"{type(self).__name__}({args})"
 
-    # -------------------------------------------------------------------------- for subclasses
     def _set_options(self, **values: Any) -> None:
-        """Validate each declared option by its declaration and keep it as an attribute."""
+        """Validate each declared option by its declaration, keep it as an attribute, and start
+        from the initial state (which may depend on the options: a seed, a window)."""
         declared = [option.name for option in self.OPTIONS]
         if sorted(values) != sorted(declared):  # the constructor and OPTIONS disagree: a bug
             raise TypeError(f"{type(self).__name__} sets options {sorted(values)} but declares "
                             f"{declared}")
         for option in self.OPTIONS:
             setattr(self, option.key, option.validate(self.name, values[option.name]))
+        self.reset()
 
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        """Weights (T,) and diagnostics from a validated float64 Gramian."""
-        raise NotImplementedError(f"{self.name} does not compute weights from one Gramian")
+    # --------------------------------------------------------- weights, for the subclasses
+    def _inputs(
+        self, gramian: Any, losses: Any, extra: dict[str, Any]
+    ) -> tuple[np.ndarray | None, Context, torch.device]:
+        """The validated float64 Gramian (None if not given), context and output device."""
+        device = gramian.device if isinstance(gramian, Tensor) else torch.device("cpu")
+        M = None if gramian is None else as_gramian_array(gramian)
+        return M, self._context(M, losses, extra), device
+
+    def _checked(
+        self, result: tuple[np.ndarray, Diagnostics], context: Context, device: torch.device
+    ) -> tuple[Tensor, Diagnostics]:
+        """The weights as a float64 tensor on ``device``, refused if misshapen or not finite."""
+        c = np.asarray(result[0], dtype=np.float64)
+        if c.shape != (context.num_tasks,):
+            raise ShapeError(f"{self.name} returned {c.shape[0]} weights for "
+                             f"{context.num_tasks} tasks")
+        if not np.isfinite(c).all():
+            raise NonFiniteError(f"{self.name} produced non-finite weights {c.tolist()}")
+        return torch.from_numpy(c).to(device), _as_tensors(result[1])
+
+    def _needs_gramian(self, M: np.ndarray | None) -> np.ndarray:
+        if M is None:
+            raise ShapeError(f"{self.name} needs the Gramian of the task gradients")
+        return M
 
     def _context(self, M: np.ndarray | None, losses: Any, extra: dict[str, Any]) -> Context:
         combinations = extra.pop("combinations", None)
@@ -266,11 +264,46 @@ class GramianWeighting(Method):
     The update of the shared parameters is J^T c. ``gradient_combinations`` may ask the engine
     to differentiate combinations A L of the losses instead of the T losses (CAGrad-Fast); M is
     then the Gramian of A J and c is still over the T tasks. Implement ``_compute(M, context)``.
+
+    A new method is a subclass (``registry.register`` would also make it available by name):
+
+    >>> import numpy as np, torch, deconflict
+    >>> class UnitSum(GramianWeighting):
+    ...     name, summary, paper, family = "unit_sum", "Sum of unit gradients", "-", "projection"
+    ...     def _compute(self, M, context):  # c_i = 1 / ||g_i||
+    ...         return 1.0 / np.sqrt(np.diag(M)), {}
+    >>> J = torch.tensor([[2.0, 0.0], [0.0, 0.5]])
+    >>> UnitSum().weights(J @ J.T)
+    tensor([0.5000, 2.0000], dtype=torch.float64)
+    >>> deconflict.aggregate(J, UnitSum())
+    tensor([1., 1.])
     """
 
     @property
-    def kind(self) -> str:  # transitional: the engine now chooses by isinstance
-        return "gramian"
+    def inputs(self) -> str:
+        return "Gramian"
+
+    def weights(self, gramian: Any, *, losses: Any = None, **context: Any) -> Tensor:
+        """Task weights c (T,) float64 such that the update is J^T c."""
+        return self.weights_with_diagnostics(gramian, losses=losses, **context)[0]
+
+    def weights_with_diagnostics(
+        self, gramian: Any, *, losses: Any = None, **context: Any
+    ) -> tuple[Tensor, Diagnostics]:
+        """Task weights and a dict of method-specific diagnostics (documented per method)."""
+        M, ctx, device = self._inputs(gramian, losses, context)
+        M = self._needs_gramian(M)
+        with single_threaded_blas():
+            result = self._compute(M, ctx)
+        return self._checked(result, ctx, device)
+
+    def gradient_combinations(self, num_tasks: int) -> np.ndarray | None:
+        """Rows of losses to differentiate instead of the T tasks (None: the tasks themselves)."""
+        return None
+
+    @abstractmethod
+    def _compute(self, M: np.ndarray, context: Context) -> tuple[np.ndarray, Diagnostics]:
+        """Weights (T,) and diagnostics from a validated float64 Gramian."""
 
 
 class BlockWeighting(Method):
@@ -278,12 +311,53 @@ class BlockWeighting(Method):
 
     ``group_blocks`` maps the blocks' layer keys to group indices; ``block_weights`` maps the K
     group Gramians (K, T, T) to weights (K, T); the update restricted to group k is J_k^T c^(k).
-    When every block falls in one group (``single_group``) the method is a Gramian weighting.
+    ``weights(M)`` treats M as one group's Gramian: with ``single_group`` (every block in one
+    group) that is the whole update, so the method runs wherever a Gramian weighting does.
+
+    >>> import deconflict
+    >>> per_layer = deconflict.GradVac(granularity="layer")
+    >>> per_layer.group_blocks(["0", "0", "2", "2"])  # the layer keys of four parameter blocks
+    [0, 0, 1, 1]
+    >>> per_layer.single_group, deconflict.GradVac().single_group
+    (False, True)
     """
 
     @property
-    def kind(self) -> str:  # transitional
-        return "block_gramians"
+    def inputs(self) -> str:
+        return "Gramian" if self.single_group else "Gramian per layer"
+
+    @property
+    @abstractmethod
+    def single_group(self) -> bool:
+        """Whether every parameter block falls in one group."""
+
+    @abstractmethod
+    def group_blocks(self, groups: Sequence[str]) -> list[int]:
+        """A group index per parameter block, from the blocks' layer keys."""
+
+    @abstractmethod
+    def block_weights(
+        self, gramians: np.ndarray, *, losses: Any = None
+    ) -> tuple[np.ndarray, Diagnostics]:
+        """Weights (K, T) from the K group Gramians (K, T, T)."""
+
+    def weights(self, gramian: Any, *, losses: Any = None, **context: Any) -> Tensor:
+        """The weights (T,) of one group whose Gramian is ``gramian``."""
+        return self.weights_with_diagnostics(gramian, losses=losses, **context)[0]
+
+    def weights_with_diagnostics(
+        self, gramian: Any, *, losses: Any = None, **context: Any
+    ) -> tuple[Tensor, Diagnostics]:
+        """One group's weights, and ``block_weights``' diagnostics for that group."""
+        M, ctx, device = self._inputs(gramian, losses, context)
+        M = self._needs_gramian(M)
+        with single_threaded_blas():
+            weights, diagnostics = self.block_weights(M[None], losses=ctx.losses)
+        return self._checked((weights[0], self._one_group(diagnostics)), ctx, device)
+
+    def _one_group(self, diagnostics: Diagnostics) -> Diagnostics:
+        """``block_weights``' diagnostics of a single group, as ``weights`` reports them."""
+        return diagnostics
 
 
 class JacobianAggregator(Method):
@@ -291,22 +365,75 @@ class JacobianAggregator(Method):
     averages): ``combine_jacobian`` maps each block J_k (T x d_k) to its update (d_k,)."""
 
     @property
-    def kind(self) -> str:  # transitional
-        return "jacobian"
+    def inputs(self) -> str:
+        return "task gradients"
+
+    @abstractmethod
+    def combine_jacobian(
+        self, blocks: Sequence[Tensor], *, losses: np.ndarray | None,
+        features: Sequence[Tensor] | None = None,
+    ) -> tuple[list[Tensor], Diagnostics]:
+        """The update of each block (T x d_k -> d_k)."""
+
+    def weights(self, gramian: Any = None, *, losses: Any = None, **context: Any) -> Tensor:
+        """Refused: the update is not J^T c for weights that a Gramian determines."""
+        raise InvalidOptionError(
+            f"{self.name} needs the task gradients themselves, not a Gramian: use "
+            "deconflict.aggregate(J, method) or deconflict.backward"
+        )
+
+    def weights_with_diagnostics(
+        self, gramian: Any = None, *, losses: Any = None, **context: Any
+    ) -> tuple[Tensor, Diagnostics]:
+        """Refused, as ``weights``."""
+        return self.weights(gramian, losses=losses, **context), {}
 
 
 class LossWeighting(Method):
-    """Base of the methods whose weights need no gradients: one ordinary backward pass."""
+    """Loss weights c from the losses (and the method's state), no gradients: the engine does
+    one ordinary backward pass of sum_i c_i L_i (``docs/methods.md#loss-weighting``).
+
+    ``gradient_scope`` asks for a Gramian as well: "none" (default), "last_layer" (of the last
+    shared layer, GradNorm) or "shared" (of all shared parameters). Implement
+    ``_compute(M, context)``, M being that Gramian or None.
+    """
 
     family: ClassVar[str] = "loss weighting"
 
     @property
-    def kind(self) -> str:
-        return "losses"
+    def gradient_scope(self) -> str:
+        """The Gramian the weights need: "none", "last_layer" or "shared"."""
+        return "none"
 
     @property
-    def gradient_scope(self) -> str:
-        return "none"
+    def inputs(self) -> str:
+        return {"none": "losses only", "last_layer": "last-layer Gramian"}.get(
+            self.gradient_scope, "Gramian")
+
+    def head_coefficients(self, weights: np.ndarray | None, losses: np.ndarray) -> np.ndarray:
+        """The heads get the weighted gradient, like the shared parameters: c."""
+        if weights is None:
+            return super().head_coefficients(weights, losses)
+        return np.asarray(weights, dtype=np.float64)
+
+    def weights(self, gramian: Any = None, *, losses: Any = None, **context: Any) -> Tensor:
+        """Loss weights c (T,) float64: the update is the gradient of sum_i c_i L_i."""
+        return self.weights_with_diagnostics(gramian, losses=losses, **context)[0]
+
+    def weights_with_diagnostics(
+        self, gramian: Any = None, *, losses: Any = None, **context: Any
+    ) -> tuple[Tensor, Diagnostics]:
+        """Loss weights and a dict of method-specific diagnostics (documented per method)."""
+        M, ctx, device = self._inputs(gramian, losses, context)
+        if self.gradient_scope != "none":
+            self._needs_gramian(M)
+        with single_threaded_blas():
+            result = self._compute(M, ctx)
+        return self._checked(result, ctx, device)
+
+    @abstractmethod
+    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
+        """Weights (T,) and diagnostics from the context (and the Gramian of the scope)."""
 
 
 def _as_tensors(diagnostics: Diagnostics) -> Diagnostics:
@@ -316,73 +443,25 @@ def _as_tensors(diagnostics: Diagnostics) -> Diagnostics:
     }
 
 
-# ------------------------------------------------------------------------ option validation
-def finite_option(method: str, option: str, value: Any) -> float:
-    """A finite float, or InvalidOptionError naming the method and option."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidOptionError(f"{method}: {option} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise InvalidOptionError(f"{method}: {option} must be finite, got {value!r}")
-    return number
-
-
-def bounded_option(
-    method: str, option: str, value: Any, low: float, high: float = math.inf,
-    *, include_high: bool = True,
-) -> float:
-    """A finite float in [low, high] (or [low, high) when include_high is False)."""
-    number = finite_option(method, option, value)
-    above = number > high if include_high else number >= high
-    if number < low or above:
-        bracket = "]" if include_high else ")"
-        raise InvalidOptionError(
-            f"{method}: {option} must be in [{low:g}, {high:g}{bracket}, got {value!r}"
-        )
-    return number
-
-
-def choice_option(method: str, option: str, value: Any, choices: tuple[Any, ...]) -> Any:
-    """One of ``choices``, or InvalidOptionError listing them."""
-    if value not in choices:
-        raise InvalidOptionError(
-            f"{method}: {option} must be one of {list(choices)}, got {value!r}"
-        )
-    return value
-
-
 class SeededRandomness:
-    """Mixin for methods that draw random numbers (task orders, subsets).
+    """Mixin for methods that draw random numbers (task orders, subsets, signs).
 
     ``seed=None`` draws from PyTorch's global RNG, so ``torch.manual_seed`` makes runs
     reproducible and checkpointing the global RNG state resumes them. An int seed gives the
-    method a private generator whose state ``state_dict()`` saves.
+    method a private generator, part of its state (``GENERATOR_STATE``). Declare the ``seed``
+    option; list ``GENERATOR_STATE`` in ``STATE``.
     """
 
-    name: ClassVar[str]
+    GENERATOR_STATE: ClassVar[StateField] = StateField("_generator", GENERATOR, key="generator")
 
-    def _init_generator(self, seed: int | None) -> None:
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise InvalidOptionError(f"{self.name}: seed must be an int or None, got {seed!r}")
-        self.seed = seed
-        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
+    seed: int | None
+    _generator: torch.Generator | None
+
+    def init_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().init_state()  # type: ignore[misc]
+        state["_generator"] = None if self.seed is None else torch.Generator().manual_seed(
+            self.seed)
+        return state
 
     def _randperm(self, n: int) -> np.ndarray:
         return torch.randperm(n, generator=self._generator).numpy()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self._generator is None else {"generator": self._generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self._generator is None:
-            if state:
-                raise InvalidOptionError(
-                    f"{self.name} without a seed uses the global RNG and keeps no state; got "
-                    f"{sorted(state)}"
-                )
-            return
-        self._generator.set_state(state["generator"])
-
-    def reset(self) -> None:
-        self._init_generator(self.seed)

@@ -1,10 +1,11 @@
-"""CAGrad: conflict-averse gradient descent (Liu et al., NeurIPS 2021; METHODS.md Section 6).
+"""CAGrad: conflict-averse gradient descent (Liu et al., NeurIPS 2021, Eq. 3 and Algorithm 1;
+``docs/methods.md#cagrad``, the dual in ``docs/methods.md#conflict-averse``).
 
 Primal (paper Eq. 3): maximize over D the worst task improvement min_i g_i . D, subject to
 ||D - g0|| <= c ||g0||, with g0 the mean gradient. Dual (paper Algorithm 1): w* minimizes
 F(w) = g_w . g0 + c ||g0|| ||g_w|| over the simplex, and D = g0 + (c ||g0|| / ||g_w*||) g_w*.
 In weights: c_vec = 1/T + (c ||g0|| / ||g_w*||) w*. The dual is solved to machine precision
-(``solvers.conflict_averse_weights``; no cvxpy, no SLSQP), so the dual optimum F(w*) equals the
+(``solvers.conflict_averse_solution``; no cvxpy, no SLSQP), so the dual optimum F(w*) equals the
 primal value min_i g_i . D.
 
 Options: ``c`` >= 0 (paper: c in [0, 1) for its convergence guarantee; 0 gives the mean
@@ -13,7 +14,7 @@ The official image-to-image code, nash-mtl and Recon also multiply by T; multipl
 rate instead if you need that scale.
 
 Degenerate case (documented deviation from the official code). When the optimal g_w* is zero
-(to the resolution of the dual solve: 1e-6 of the largest gradient norm), the hull of the
+(to the resolution of M: ||g_w||^2 below 1e3 4 (T+2) eps (sum_i w_i ||g_i||)^2), the hull of the
 gradients contains 0, the dual value is F(w*) = 0 and the direction g_w / ||g_w|| is undefined.
 Every D in the ball with J D >= 0 then attains the primal optimum 0 of Eq. 3 (0 is an upper
 bound: sum_i w*_i g_i . D = 0), and the closest such D to g0 is P(g0), the projection of g0 onto
@@ -31,12 +32,11 @@ returns 0. The diagnostic ``stationary`` is True in this case.
 Guarantee for c >= 1: D never conflicts with a task (D = 0 is feasible, so the optimum of Eq. 3
 is >= 0). The update is checked against it (``solvers.conflicts``, a rounding-error bound);
 should the dual solve miss it, D is replaced by P(g0), which is feasible and non-conflicting,
-and the diagnostic ``fallback`` is True. Measured on 1,500 fuzzed Jacobians at c in {1, 2, 10}:
-without norm spans only at c = 1 exactly (8 cases: there the dual optimum can be g_w
-antiparallel to g0, D ~ 0 up to rounding); with norms spanning up to 1e12 in 173 cases at every
-c. The dual solve resolves g_w to 1e-6 of the largest gradient norm, so for spans beyond 1e6 the
-small tasks' share of the optimum is below its resolution: the update keeps the c >= 1
-guarantee, and for c < 1 it is optimal only to that resolution (not improved in issue 13).
+and the diagnostic ``fallback`` is True. The dual is solved exactly, its KKT conditions checked
+on M, for task-norm spans beyond 1e12 (``benchmarks/norm_spans.py`` prints the largest span
+each solver holds); the diagnostic ``converged`` says whether the check passed. If it did not,
+w* is the best point found: for c < 1 the update is still in the ball, for c >= 1 the
+conflict check above applies.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import math
 import numpy as np
 
 from ..solvers import (
-    conflict_averse_weights,
+    conflict_averse_solution,
     conflicts,
     dual_cone_weights,
     stationary_support,
@@ -82,7 +82,8 @@ def cagrad_weights(
 
     See the module docstring for the degenerate case and the c >= 1 guarantee.
     """
-    w, gw_norm, anchor_norm = conflict_averse_weights(M, anchor, c)
+    solution = conflict_averse_solution(M, anchor, c)
+    w, gw_norm, anchor_norm = solution.weights, solution.gw_norm, solution.anchor_norm
     stationary = gw_norm == 0.0 and c > 0.0 and anchor_norm > 0.0
     if gw_norm > 0.0:
         weights = anchor + (c * anchor_norm / gw_norm) * w
@@ -94,7 +95,8 @@ def cagrad_weights(
     if c >= 1.0 and degenerate == "definition" and np.any(conflicts(M, weights)):
         weights, fallback = _cone_point_in_ball(M, anchor, c), True
     weights = weights / (1.0, 1.0 + c * c, 1.0 + c)[rescale]
-    return weights, {"dual_weights": w, "stationary": bool(stationary), "fallback": fallback}
+    return weights, {"dual_weights": w, "stationary": bool(stationary), "fallback": fallback,
+                     "converged": solution.verified}
 
 
 @register
@@ -104,7 +106,16 @@ class CAGrad(GramianWeighting):
     Options: ``c``, ``rescale``, ``degenerate`` (see the module docstring).
 
     Diagnostics: ``dual_weights`` (w*), ``stationary`` (the degenerate case above),
-    ``fallback`` (c >= 1 and the dual solve's update conflicted: replaced by P(g0)).
+    ``fallback`` (c >= 1 and the dual solve's update conflicted: replaced by P(g0)),
+    ``converged`` (the dual passed its KKT test on M; if False, w* is the best point found:
+    for c < 1 the update is still in the ball, for c >= 1 the conflict check applies).
+
+    The best worst-task improvement in the ball of radius 0.5 ||g0|| around g0:
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> deconflict.aggregate(J, deconflict.CAGrad(c=0.5))
+    tensor([0.3663, 0.5495])
     """
 
     name = "cagrad"
@@ -122,10 +133,13 @@ class CAGrad(GramianWeighting):
                choices=DEGENERATE),
     )
 
+    c: float
+    rescale: int
+    degenerate: str
+
     def __init__(self, c: float = 0.5, rescale: int = 1, degenerate: str = "definition") -> None:
         self._set_options(c=c, rescale=rescale, degenerate=degenerate)
 
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        assert M is not None
+    def _compute(self, M: np.ndarray, context: Context) -> tuple[np.ndarray, Diagnostics]:
         T = M.shape[0]
         return cagrad_weights(M, np.full(T, 1.0 / T), self.c, self.rescale, self.degenerate)

@@ -1,4 +1,5 @@
-"""CAGrad-Fast: CAGrad on a random subset of tasks (Liu et al., NeurIPS 2021, Section 3.3, Eq. 4).
+"""CAGrad-Fast: CAGrad on a random subset of tasks (Liu et al., NeurIPS 2021, Section 3.3, Eq. 4;
+``docs/methods.md#cagrad_fast``).
 
 Sample a subset S of the K tasks. With h = (K g0 - sum_{i in S} g_i) / (K - |S|), the mean
 gradient of the unsampled tasks, solve
@@ -50,6 +51,13 @@ class CAGradFast(SeededRandomness, GramianWeighting):
     Diagnostics: ``dual_weights``, ``stationary``, ``fallback`` (as CAGrad), ``sampled`` (the
     tasks whose gradients enter individually; not the left-out task when only one is left out,
     although its row of A is then a unit vector too).
+
+    Three tasks, two sampled individually and the mean of the third:
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0, 0.0], [-0.5, 1.0, 0.0], [0.0, -0.5, 1.0]])
+    >>> deconflict.aggregate(J, deconflict.CAGradFast(c=0.5, seed=0))
+    tensor([0.1849, 0.2774, 0.3236])
     """
 
     name = "cagrad_fast"
@@ -71,13 +79,20 @@ class CAGradFast(SeededRandomness, GramianWeighting):
                choices=DEGENERATE),
     )
 
+    c: float
+    rescale: int
+    num_sampled: int | None
+    seed: int | None
+    degenerate: str
+
+    STATE = (SeededRandomness.GENERATOR_STATE,)
+
     def __init__(
         self, c: float = 0.5, rescale: int = 1, num_sampled: int | None = None,
         seed: int | None = None, degenerate: str = "definition",
     ) -> None:
         self._set_options(c=c, rescale=rescale, num_sampled=num_sampled, seed=seed,
                           degenerate=degenerate)
-        self._init_generator(self.seed)
 
     def sample_size(self, num_tasks: int) -> int:
         """|S|: ``num_sampled`` (default ceil(K / 2)), at most K."""
@@ -88,8 +103,7 @@ class CAGradFast(SeededRandomness, GramianWeighting):
         sampled = self._randperm(num_tasks)[:self.sample_size(num_tasks)]
         return subsampling_matrix(num_tasks, sampled)
 
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        assert M is not None
+    def _compute(self, M: np.ndarray, context: Context) -> tuple[np.ndarray, Diagnostics]:
         K = context.num_tasks
         A = context.combinations
         if A is None:

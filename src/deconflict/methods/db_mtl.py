@@ -1,4 +1,4 @@
-"""DB-MTL: dual-balancing multi-task learning (Lin et al., 2023; METHODS.md Section 17).
+"""DB-MTL: dual-balancing multi-task learning (Lin et al., 2023; ``docs/methods.md#db_mtl``).
 
 Balance loss scales by working on log losses, and gradient magnitudes by rescaling every task's
 (averaged) gradient to the largest norm. Per step k, with gl_i = grad log(L_i + eps)
@@ -9,15 +9,15 @@ Balance loss scales by working on log losses, and gradient magnitudes by rescali
     D = sum_i a_i Ghat_i
 
 The update uses the moving averages, not the raw gradients, so the state is a T x d buffer and
-the method needs the task gradients themselves (kind "jacobian"); the buffer is saved by
+the method needs the task gradients themselves (a ``JacobianAggregator``); the buffer is saved by
 ``state_dict``. The task heads are trained on the log losses (weights 1 / (L_i + eps)), as in
 LibMTL. Options (LibMTL defaults): ``beta`` = 0.9, ``sigma`` = 0, ``eps`` = 1e-8.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from ..errors import ShapeError
 from .base import Diagnostics, JacobianAggregator
 from .options import Option
 from .registry import register
+from .state import NUMBER, TENSORS, StateField
 
 
 @register
@@ -34,6 +35,13 @@ class DBMTL(JacobianAggregator):
     """DB-MTL; see the module docstring. Needs ``losses``.
 
     Diagnostics: ``scales`` (a_i), ``average_norms`` (||Ghat_i||), ``beta`` (beta_k).
+
+    The first step: the averages (1 - beta) g_i / L_i, each rescaled to the largest norm:
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> deconflict.aggregate(J, deconflict.DBMTL(), losses=[1.0, 2.0])
+    tensor([0.0553, 0.0894])
     """
 
     name = "db_mtl"
@@ -53,21 +61,21 @@ class DBMTL(JacobianAggregator):
         Option("eps", "float", 1e-8, "eps in log(L_i + eps)", low=0.0),
     )
 
+    beta: float
+    sigma: float
+    eps: float
+
+    STATE = (StateField("averages", TENSORS), StateField("step", NUMBER))
+
+    averages: list[Tensor] | None  # Ghat_i per block (T x d_k), in the gradients' dtype
+    step: int
+
     def __init__(self, beta: float = 0.9, sigma: float = 0.0, eps: float = 1e-8) -> None:
         self._set_options(beta=beta, sigma=sigma, eps=eps)
-        self.reset()
-
-    @property
-    def kind(self) -> str:
-        return "jacobian"
 
     @property
     def needs_losses(self) -> bool:
         return True
-
-    def reset(self) -> None:
-        self.averages: list[Tensor] | None = None
-        self.step = 0
 
     def head_coefficients(self, weights: np.ndarray | None, losses: np.ndarray) -> np.ndarray:
         return 1.0 / (losses + self.eps)
@@ -89,19 +97,11 @@ class DBMTL(JacobianAggregator):
             log_gradient = block / torch.as_tensor(losses + self.eps, dtype=block.dtype,
                                                    device=block.device)[:, None]
             average.mul_(beta).add_(log_gradient, alpha=1.0 - beta)
-        norms = torch.sqrt(sum(average.double().pow(2).sum(dim=1) for average in self.averages))
+        squares = [average.double().pow(2).sum(dim=1) for average in self.averages]
+        norms = functools.reduce(torch.add, squares).sqrt()
         # An all-zero average contributes nothing whatever its scale, so only zero is guarded
         # (LibMTL adds 1e-8, which stops being negligible for norms near 1e-8 and below).
         scales = torch.where(norms > 0, norms.max() / torch.where(norms > 0, norms, 1.0), 0.0)
         updates = [scales.to(a.dtype).to(a.device) @ a for a in self.averages]
         return updates, {"scales": scales.cpu().numpy(), "average_norms": norms.cpu().numpy(),
                          "beta": beta}
-
-    def state_dict(self) -> dict[str, Any]:
-        averages = None if self.averages is None else [a.clone() for a in self.averages]
-        return {"averages": averages, "step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        averages = state.get("averages")
-        self.averages = None if averages is None else [a.clone() for a in averages]
-        self.step = int(state.get("step", 0))

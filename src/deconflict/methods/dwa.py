@@ -1,5 +1,5 @@
 """DWA: dynamic weight average (Liu, Johns & Davison, "End-to-End Multi-Task Learning with
-Attention", CVPR 2019; METHODS.md Section 11).
+Attention", CVPR 2019; ``docs/methods.md#dwa``).
 
 lambda_i(t) = T exp(w_i / tau) / sum_j exp(w_j / tau), with w_i = Lbar_i(t-1) / Lbar_i(t-2) the
 ratio of the task's two latest average training losses: a task whose loss falls slowly gets
@@ -17,16 +17,15 @@ Options: ``tau`` = 2.
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from ..errors import ShapeError
-from ..linalg import to_numpy
 from .base import Context, Diagnostics, LossWeighting
 from .options import Option
 from .registry import register
+from .state import ARRAYS, NUMBER, StateField
 
 _TINY = 1e-12
 
@@ -41,9 +40,20 @@ def dwa_weights(latest: np.ndarray, earlier: np.ndarray, tau: float) -> np.ndarr
 
 @register
 class DWA(LossWeighting):
-    """Dynamic weight average; see the module docstring. Needs ``losses``.
+    """Dynamic weight average; see the module docstring. Needs ``losses``; in epoch mode
+    without ``steps_per_epoch``, ``end_epoch()`` at the end of every epoch (an ``EpochEnd``
+    method).
 
     Diagnostics: ``ratios`` (w_i, once available).
+
+    One step per epoch; once two epoch means exist, the task whose loss fell less gains weight:
+
+    >>> import deconflict
+    >>> dwa = deconflict.DWA(steps_per_epoch=1)
+    >>> for losses in ([1.0, 2.0], [0.5, 2.0]):
+    ...     _ = dwa.weights(losses=losses)
+    >>> dwa.weights(losses=[0.25, 2.0])
+    tensor([0.8756, 1.1244], dtype=torch.float64)
     """
 
     name = "dwa"
@@ -61,27 +71,33 @@ class DWA(LossWeighting):
         Option("window", "int", 25, "mode window: steps per window", low=1),
     )
 
+    tau: float
+    mode: str
+    steps_per_epoch: int | None
+    window: int
+
+    STATE = (StateField("epoch_sum"), StateField("epoch_steps", NUMBER),
+             StateField("history", ARRAYS), StateField("recent", ARRAYS))
+
+    epoch_sum: np.ndarray | None  # the losses summed over the current epoch
+    epoch_steps: int
+    history: list[np.ndarray]  # the latest two epoch means, oldest first
+    recent: list[np.ndarray]  # mode window: the losses of the last 2 * window steps
+
     def __init__(
         self, tau: float = 2.0, mode: Literal["epoch", "window"] = "epoch",
         steps_per_epoch: int | None = None, window: int = 25,
     ) -> None:
         self._set_options(tau=tau, mode=mode, steps_per_epoch=steps_per_epoch, window=window)
-        self.reset()
 
     @property
     def needs_losses(self) -> bool:
         return True
 
-    def reset(self) -> None:
-        self.epoch_sum: np.ndarray | None = None
-        self.epoch_steps = 0
-        self.history: deque[np.ndarray] = deque(maxlen=2)  # latest epoch means, oldest first
-        self.recent: deque[np.ndarray] = deque(maxlen=2 * self.window)
-
     def end_epoch(self) -> None:
         """Close the current epoch: its mean loss becomes the latest average."""
-        if self.epoch_steps:
-            self.history.append(self.epoch_sum / self.epoch_steps)
+        if self.epoch_steps and self.epoch_sum is not None:
+            self.history = [*self.history, self.epoch_sum / self.epoch_steps][-2:]
         self.epoch_sum, self.epoch_steps = None, 0
 
     def _averages(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -113,21 +129,5 @@ class DWA(LossWeighting):
             if self.steps_per_epoch is not None and self.epoch_steps == self.steps_per_epoch:
                 self.end_epoch()
         else:
-            self.recent.append(losses.copy())
+            self.recent = [*self.recent, losses.copy()][-2 * self.window:]
         return weights, diagnostics
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch_sum": None if self.epoch_sum is None else self.epoch_sum.copy(),
-            "epoch_steps": self.epoch_steps,
-            "history": [h.copy() for h in self.history],
-            "recent": [r.copy() for r in self.recent],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reset()
-        if state.get("epoch_sum") is not None:
-            self.epoch_sum = to_numpy(state["epoch_sum"])
-        self.epoch_steps = int(state.get("epoch_steps", 0))
-        self.history.extend(to_numpy(h) for h in state.get("history", []))
-        self.recent.extend(to_numpy(r) for r in state.get("recent", []))

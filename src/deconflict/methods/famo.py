@@ -1,4 +1,4 @@
-"""FAMO: fast adaptive multitask optimization (Liu et al., NeurIPS 2023; METHODS.md Section 16).
+"""FAMO: fast adaptive multitask optimization (Liu et al., NeurIPS 2023; ``docs/methods.md#famo``).
 
 Keeps task logits xi (weights z = softmax(xi)) and, at each step, balances the tasks' *rates* of
 loss decrease at the cost of one backward pass and one extra forward pass:
@@ -32,10 +32,11 @@ import numpy as np
 
 from ..errors import InvalidOptionError, ShapeError
 from ..linalg import to_numpy
-from ._task_parameters import TaskParameters
+from ._task_parameters import ADAM, TaskParameters
 from .base import Context, Diagnostics, LossWeighting
 from .options import Option
 from .registry import register
+from .state import StateField
 
 _EPS = 1e-8
 
@@ -47,16 +48,30 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 @register
 class FAMO(LossWeighting):
-    """FAMO (NeurIPS 2023); see the module docstring. Needs ``losses`` and ``after_step``.
+    """FAMO (NeurIPS 2023); see the module docstring. Needs ``losses``, and ``after_step`` after
+    every optimizer step (an ``AfterStep`` method).
 
     Diagnostics: ``task_weights`` (z = softmax(xi)).
+
+    The weights, then the losses after the optimizer step: the first task improved, so its
+    share z falls below 1/2 (its weight on the raw loss, z_i / l_i normalized, also sees l fall):
+
+    >>> import deconflict
+    >>> famo = deconflict.FAMO()
+    >>> famo.weights(losses=[1.0, 2.0])
+    tensor([0.6667, 0.3333], dtype=torch.float64)
+    >>> famo.after_step([0.5, 2.0])
+    >>> weights, diagnostics = famo.weights_with_diagnostics(losses=[0.5, 2.0])
+    >>> diagnostics["task_weights"]
+    tensor([0.4875, 0.5125], dtype=torch.float64)
+    >>> weights
+    tensor([0.7919, 0.2081], dtype=torch.float64)
     """
 
     name = "famo"
     summary = "Balance the tasks' log-loss decrease rates with learned logits (O(1) per step)"
     paper = "Liu et al., FAMO: Fast Adaptive Multitask Optimization, NeurIPS 2023"
     stateful = True
-    needs_losses_after_step = True
 
     OPTIONS = (
         Option("w_lr", "float", 0.025, "learning rate of the task logits", low=0.0),
@@ -65,21 +80,24 @@ class FAMO(LossWeighting):
                "one per task)", shape="scalar_or_list"),
     )
 
+    w_lr: float
+    gamma: float
+    min_losses: float | tuple[float, ...]
+
+    STATE = (StateField("logits", ADAM), StateField("pending"))
+
+    logits: TaskParameters | None  # xi, with its Adam state
+    pending: np.ndarray | None  # l(t), waiting for after_step
+
     def __init__(
         self, w_lr: float = 0.025, gamma: float = 1e-3,
         min_losses: float | Sequence[float] = 0.0,
     ) -> None:
-        self.min_losses: float | tuple[float, ...]
         self._set_options(w_lr=w_lr, gamma=gamma, min_losses=min_losses)
-        self.reset()
 
     @property
     def needs_losses(self) -> bool:
         return True
-
-    def reset(self) -> None:
-        self.logits: TaskParameters | None = None
-        self.pending: np.ndarray | None = None  # l(t), waiting for after_step
 
     def _shifted(self, losses: np.ndarray) -> np.ndarray:
         floor = np.asarray(self.min_losses, dtype=np.float64)
@@ -117,14 +135,3 @@ class FAMO(LossWeighting):
         z = softmax(self.logits.values)
         self.logits.step(z * (delta - z @ delta))
         self.pending = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "logits": None if self.logits is None else self.logits.state_dict(),
-            "pending": None if self.pending is None else self.pending.copy(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.logits = (TaskParameters.restore(state["logits"], self.w_lr, self.gamma)
-                       if state.get("logits") is not None else None)
-        self.pending = None if state.get("pending") is None else to_numpy(state["pending"])

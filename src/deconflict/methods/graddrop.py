@@ -1,5 +1,5 @@
-"""GradDrop: gradient sign dropout (Chen et al., "Just Pick a Sign", NeurIPS 2020; METHODS.md
-Section 8).
+"""GradDrop: gradient sign dropout (Chen et al., "Just Pick a Sign", NeurIPS 2020;
+``docs/methods.md#graddrop``).
 
 Per coordinate, keep only the gradients of one sign, chosen at random with the probability that
 the signs agree. With G_i the sign statistic of task i:
@@ -18,11 +18,11 @@ Two levels, chosen by the engine's mode:
   feature, and the mask is broadcast over the batch; the masked sum is backpropagated through
   the trunk. ``sign_correction=False`` drops the sign(Z) factor.
 
-Not Gramian-based: it needs the task gradients themselves (kind "jacobian"). Options: ``leak``
-(a number or one per task, in [0, 1], default 0), ``seed``, ``eps`` (default 0, like TorchJD:
-coordinates where every G_i is 0 get no mask whatever P is, so no epsilon is needed; LibMTL's
-absolute 1e-7 makes P depend on the gradients' scale - at 1e-21 it would drop a single task's
-gradient half of the time).
+Not Gramian-based: it needs the task gradients themselves (a ``JacobianAggregator``). Options:
+``leak`` (a number or one per task, in [0, 1], default 0), ``seed``, ``eps`` (default 0, like
+TorchJD: coordinates where every G_i is 0 get no mask whatever P is, so no epsilon is needed;
+LibMTL's absolute 1e-7 makes P depend on the gradients' scale - at 1e-21 it would drop a single
+task's gradient half of the time).
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ class GradDrop(SeededRandomness, JacobianAggregator):
     """GradDrop (NeurIPS 2020); see the module docstring.
 
     Diagnostics: ``kept_fraction`` (the fraction of (task, coordinate) gradient entries kept).
+
+    Per coordinate, the kept sign is drawn from the seeded generator:
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> deconflict.aggregate(J, deconflict.GradDrop(seed=0))
+    tensor([1., 1.])
     """
 
     name = "graddrop"
@@ -62,17 +69,18 @@ class GradDrop(SeededRandomness, JacobianAggregator):
                "state); none: PyTorch's global RNG", nullable=True),
     )
 
+    leak: float | tuple[float, ...]
+    eps: float
+    sign_correction: bool
+    seed: int | None
+
+    STATE = (SeededRandomness.GENERATOR_STATE,)
+
     def __init__(
         self, leak: float | Sequence[float] = 0.0, eps: float = 0.0, sign_correction: bool = True,
         seed: int | None = None,
     ) -> None:
-        self.leak: float | tuple[float, ...]
         self._set_options(leak=leak, eps=eps, sign_correction=sign_correction, seed=seed)
-        self._init_generator(self.seed)
-
-    @property
-    def kind(self) -> str:
-        return "jacobian"
 
     def _leaks(self, T: int, like: Tensor) -> Tensor:
         if isinstance(self.leak, tuple):

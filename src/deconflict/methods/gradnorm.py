@@ -1,4 +1,4 @@
-"""GradNorm: gradient normalization (Chen et al., ICML 2018; METHODS.md Section 9).
+"""GradNorm: gradient normalization (Chen et al., ICML 2018; ``docs/methods.md#gradnorm``).
 
 Learn loss weights w (initialized at 1, renormalized to sum T) so that the weighted gradient
 norms G_i = w_i nu_i, with nu_i = ||grad_W L_i|| on the last shared layer W, train at rates that
@@ -22,16 +22,16 @@ epoch's average). Weights are kept above 1e-6 before renormalization.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from ..errors import ShapeError
-from ..linalg import to_numpy
-from ._task_parameters import TaskParameters
+from ._task_parameters import ADAM, TaskParameters
 from .base import Context, Diagnostics, LossWeighting
 from .options import Option
 from .registry import register
+from .state import StateField
 
 _FLOOR = 1e-6
 
@@ -41,6 +41,16 @@ class GradNorm(LossWeighting):
     """GradNorm (ICML 2018); see the module docstring. Needs ``losses``.
 
     Diagnostics: ``gradient_norms`` (nu), ``targets``, ``weighted_norms`` (G).
+
+    The weights start at 1 and take an Adam step toward equal training rates:
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> gradnorm = deconflict.GradNorm()
+    >>> gradnorm.weights(J @ J.T, losses=[1.0, 2.0])
+    tensor([1., 1.], dtype=torch.float64)
+    >>> gradnorm.weights(J @ J.T, losses=[1.0, 1.0])
+    tensor([1.0250, 0.9750], dtype=torch.float64)
     """
 
     name = "gradnorm"
@@ -57,12 +67,20 @@ class GradNorm(LossWeighting):
                "(paper) or of all shared parameters", choices=("last_layer", "shared")),
     )
 
+    alpha: float
+    lr: float
+    norms_on: str
+
+    STATE = (StateField("weights_", ADAM, key="weights"), StateField("initial_losses"))
+
+    weights_: TaskParameters | None  # w, with its Adam state
+    initial_losses: np.ndarray | None  # L(0)
+
     def __init__(
         self, alpha: float = 1.5, lr: float = 0.025,
         norms_on: Literal["last_layer", "shared"] = "last_layer",
     ) -> None:
         self._set_options(alpha=alpha, lr=lr, norms_on=norms_on)
-        self.reset()
 
     @property
     def gradient_scope(self) -> str:
@@ -71,10 +89,6 @@ class GradNorm(LossWeighting):
     @property
     def needs_losses(self) -> bool:
         return True
-
-    def reset(self) -> None:
-        self.weights_: TaskParameters | None = None
-        self.initial_losses: np.ndarray | None = None
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         losses = context.losses
@@ -96,15 +110,3 @@ class GradNorm(LossWeighting):
         updated = np.maximum(self.weights_.values, _FLOOR)
         self.weights_.assign(T * updated / updated.sum())
         return w, {"gradient_norms": norms, "targets": targets, "weighted_norms": G}
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.weights_ is None:
-            return {}
-        return {"weights": self.weights_.state_dict(), "initial_losses": self.initial_losses}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            self.reset()
-            return
-        self.weights_ = TaskParameters.restore(state["weights"], self.lr)
-        self.initial_losses = to_numpy(state["initial_losses"])

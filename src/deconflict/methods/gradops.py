@@ -1,4 +1,5 @@
-"""GradOPS: orthogonal projections onto subspaces (Zhu et al., WSDM 2025; METHODS.md Section 2).
+"""GradOPS: orthogonal projections onto subspaces (Zhu et al., WSDM 2025;
+``docs/methods.md#gradops``).
 
 Paper (Section 3, Algorithm 1, Eq. 1-5):
 
@@ -15,7 +16,7 @@ accurate when gradient norms differ by orders of magnitude, and mapped back with
 c^(i)_j = n_i k^(i)_j / n_j. Since g'_k is orthogonal to g_i for every projected k != i,
 R_i = (s_i if i is projected) / n_i + sum over unprojected k of M_ik / n_i.
 
-Cases (METHODS.md Section 2.2):
+Cases (the numerically stable procedure of ``docs/methods.md#gradops``):
 
 - Full-rank fast path: if K is well conditioned, one Cholesky factorization gives every
   projection, k^(i) = K^-1 e_i / (K^-1)_ii and s_i = 1 / (K^-1)_ii.
@@ -188,8 +189,11 @@ def gradops_weights(
     K = cosine_matrix(M, norms)
     negative = M < 0
     np.fill_diagonal(negative, False)
-    conflicting = negative.any(axis=1)
-    to_project = nonzero & conflicting.any() if gating == "all" else conflicting
+    conflicting = np.asarray(negative.any(axis=1))
+    if gating == "all":  # every nonzero task, as soon as any pair conflicts
+        to_project = nonzero if conflicting.any() else np.zeros_like(nonzero)
+    else:
+        to_project = conflicting
     proj = project_conflicting(K, to_project, dependence_tol)
 
     unprojected = nonzero & ~to_project
@@ -252,6 +256,16 @@ class GradOPS(GramianWeighting):
     Pareto-stationary), "dependent" (every conflicting task is dependent: with more tasks than
     the rank of J, Eq. 1-2 leave nothing) or "cancelled"; the last two also issue a
     ``ZeroUpdateWarning`` once per instance.
+
+    At T = 2 with alpha = 0 the update is PCGrad's, and it conflicts with no task:
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> D = deconflict.aggregate(J, deconflict.GradOPS(alpha=0.0))
+    >>> D
+    tensor([0.8000, 1.4000])
+    >>> J @ D
+    tensor([0.8000, 1.0000])
     """
 
     name = "gradops"
@@ -270,6 +284,10 @@ class GradOPS(GramianWeighting):
                "of the others' span counts as dependent", low=0.0, high=1.0, high_open=True),
     )
 
+    alpha: float
+    gating: str
+    dependence_tol: float
+
     def __init__(
         self,
         alpha: float = 0.0,
@@ -278,15 +296,21 @@ class GradOPS(GramianWeighting):
     ) -> None:
         self._set_options(alpha=alpha, gating=gating, dependence_tol=dependence_tol)
 
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        assert M is not None
+    def _compute(self, M: np.ndarray, context: Context) -> tuple[np.ndarray, Diagnostics]:
         c, diagnostics = gradops_weights(M, self.alpha, self.gating, self.dependence_tol)
-        if diagnostics["active"].any():
-            note_zero_update(self, M, c, diagnostics, "cancelled",
-                             "the weighted projected gradients cancel")
-        else:
-            note_zero_update(self, M, c, diagnostics, "dependent",
-                             "every conflicting task gradient lies in the span of the others "
-                             "(as when there are more tasks than the rank of J), so each "
-                             "projection g'_i is zero and nothing is left to sum")
+        note_projected_zero_update(self, M, c, diagnostics)
         return c, diagnostics
+
+
+def note_projected_zero_update(
+    method: GramianWeighting, M: np.ndarray, c: np.ndarray, diagnostics: Diagnostics
+) -> None:
+    """Say why a sum of GradOPS's projected gradients is zero, if it is (``_zero_update``)."""
+    if diagnostics["active"].any():
+        note_zero_update(method, M, c, diagnostics, "cancelled",
+                         "the weighted projected gradients cancel")
+    else:
+        note_zero_update(method, M, c, diagnostics, "dependent",
+                         "every conflicting task gradient lies in the span of the others "
+                         "(as when there are more tasks than the rank of J), so each "
+                         "projection g'_i is zero and nothing is left to sum")

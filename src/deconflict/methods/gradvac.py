@@ -1,4 +1,4 @@
-"""GradVac: gradient vaccine (Wang et al., ICLR 2021; METHODS.md Section 4).
+"""GradVac: gradient vaccine (Wang et al., ICLR 2021; ``docs/methods.md#gradvac``).
 
 For each task i and each other task j in random order (as PCGrad), with phi the cosine between
 the current modified gradient g'_i and the original g_j and phihat_ij an exponential moving
@@ -11,7 +11,8 @@ D = sum_i g'_i. With phihat fixed at 0 every step is PCGrad's projection.
 
 Gramian form: g'_i = J^T c^(i), ||g'_i||^2 = c^T M c, g'_i . g_j = (M c)_j; a correction is
 c^(i)_j += a. Per-layer GradVac (the paper's recommendation) runs the same on each group's
-Gramian M^(k) and updates group k with its own weights: the "block_gramians" kind.
+Gramian M^(k) and updates group k with its own weights: a ``BlockWeighting`` (with
+``granularity="whole"`` a single group, ``single_group``).
 
 Options: ``beta`` = 0.5 (LibMTL, SamsungLabs and TorchJD; the paper reportedly uses ~1e-2);
 ``granularity`` "whole" (default, LibMTL's 0), "layer" (each module with parameters: LibMTL's 1)
@@ -30,18 +31,12 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from ..errors import ShapeError
-from ..linalg import to_numpy
-from .base import (
-    BlockWeighting,
-    Context,
-    Diagnostics,
-    SeededRandomness,
-)
+from .base import BlockWeighting, Diagnostics, SeededRandomness
 from .options import Option
 from .registry import register
+from .state import StateField
 
 
 def vaccinate(
@@ -86,6 +81,13 @@ class GradVac(SeededRandomness, BlockWeighting):
 
     Diagnostics: ``corrections`` (count), ``targets`` (phihat after the step) and
     ``projection_coefficients`` (row i: g'_i = J^T row); per group for the block granularities.
+
+    The targets start at 0, so the first step is PCGrad's projection:
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> deconflict.aggregate(J, deconflict.GradVac(seed=0))
+    tensor([0.8000, 1.4000])
     """
 
     name = "gradvac"
@@ -107,19 +109,28 @@ class GradVac(SeededRandomness, BlockWeighting):
                "state); none: PyTorch's global RNG", nullable=True),
     )
 
+    beta: float
+    granularity: str
+    ema: str
+    seed: int | None
+
+    STATE = (SeededRandomness.GENERATOR_STATE, StateField("targets"))
+
+    targets: np.ndarray | None  # (groups, T, T)
+
     def __init__(
         self, beta: float = 0.5, granularity: Literal["whole", "layer", "parameter"] = "whole",
         ema: Literal["every_pair", "on_correction"] = "every_pair", seed: int | None = None,
     ) -> None:
         self._set_options(beta=beta, granularity=granularity, ema=ema, seed=seed)
-        self._init_generator(self.seed)
-        self.targets: np.ndarray | None = None  # (groups, T, T)
 
     @property
-    def kind(self) -> str:
-        return "gramian" if self.granularity == "whole" else "block_gramians"
+    def single_group(self) -> bool:
+        return self.granularity == "whole"
 
     def group_blocks(self, groups: Sequence[str]) -> list[int]:
+        if self.granularity == "whole":
+            return [0] * len(groups)
         if self.granularity == "parameter":
             return list(range(len(groups)))
         order: dict[str, int] = {}
@@ -156,24 +167,6 @@ class GradVac(SeededRandomness, BlockWeighting):
         return rows.sum(axis=1), {"corrections": corrections, "targets": targets.copy(),
                                   "projection_coefficients": rows}
 
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        assert M is not None
-        weights, diagnostics = self.block_weights(M[None], losses=context.losses)
-        diagnostics["targets"] = diagnostics["targets"][0]
-        diagnostics["projection_coefficients"] = diagnostics["projection_coefficients"][0]
-        return weights[0], diagnostics
-
-    def reset(self) -> None:
-        super().reset()
-        self.targets = None
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["targets"] = None if self.targets is None else torch.from_numpy(self.targets.copy())
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        targets = state.pop("targets", None)
-        super().load_state_dict(state)
-        self.targets = None if targets is None else to_numpy(targets)
+    def _one_group(self, diagnostics: Diagnostics) -> Diagnostics:
+        return {**diagnostics, "targets": diagnostics["targets"][0],
+                "projection_coefficients": diagnostics["projection_coefficients"][0]}

@@ -1,5 +1,5 @@
-"""IMTL-G: impartial multi-task learning, gradient part (Liu et al., ICLR 2021; METHODS.md
-Section 7).
+"""IMTL-G: impartial multi-task learning, gradient part (Liu et al., ICLR 2021;
+``docs/methods.md#imtl_g``).
 
 Find D = J^T alpha with 1^T alpha = 1 whose projections onto the unit gradients u_i = g_i / n_i
 are all equal. Closed form: a = M^+ n, alpha = a / (1^T a). Computed here on the cosine matrix
@@ -83,6 +83,13 @@ class IMTLG(GramianWeighting):
     Pareto-stationary), "infeasible" (no equal-projection direction; every weakly but not
     strongly stationary J is one, and so is almost every J with more tasks than its rank) or
     "cancelled"; the last two also issue a ``ZeroUpdateWarning`` once per instance.
+
+    Equal projections of the update on both unit gradients:
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> deconflict.aggregate(J, deconflict.IMTLG())
+    tensor([0.2918, 0.4721])
     """
 
     name = "imtl_g"
@@ -95,11 +102,12 @@ class IMTLG(GramianWeighting):
                "the wrong sign", choices=("flip", "mean", "off")),
     )
 
+    sign_guard: str
+
     def __init__(self, sign_guard: Literal["flip", "mean", "off"] = "flip") -> None:
         self._set_options(sign_guard=sign_guard)
 
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        assert M is not None
+    def _compute(self, M: np.ndarray, context: Context) -> tuple[np.ndarray, Diagnostics]:
         alpha, diagnostics = imtl_g_weights(M, self.sign_guard)
         if diagnostics["feasible"]:
             note_zero_update(self, M, alpha, diagnostics, "cancelled",

@@ -1,5 +1,5 @@
-"""IMTL-L: the loss part of impartial multi-task learning (Liu et al., ICLR 2021; METHODS.md
-Section 7).
+"""IMTL-L: the loss part of impartial multi-task learning (Liu et al., ICLR 2021;
+``docs/methods.md#imtl_l``).
 
 Each loss L_t is replaced by exp(s_t) L_t - s_t with a learnable scale s_t (initialized at 0),
 whose optimum makes exp(s_t) L_t = 1: every scaled loss is driven to the same value. The model's
@@ -18,7 +18,18 @@ from .registry import register
 
 @register
 class IMTLL(LearnedWeighting):
-    """IMTL-L; see the module docstring. Needs ``losses``. Diagnostics: ``s`` (before update)."""
+    """IMTL-L; see the module docstring. Needs ``losses``. Diagnostics: ``s`` (before update).
+
+    Weights exp(s), then one Adam step on s (the first scaled loss
+    exp(s) L is already 1):
+
+    >>> import deconflict
+    >>> imtl = deconflict.IMTLL()
+    >>> imtl.weights(losses=[1.0, 2.0])
+    tensor([1., 1.], dtype=torch.float64)
+    >>> imtl.weights(losses=[1.0, 2.0])
+    tensor([1.0000, 0.9753], dtype=torch.float64)
+    """
 
     name = "imtl_l"
     summary = "Learned loss scales exp(s_t) that drive every scaled loss to the same value"

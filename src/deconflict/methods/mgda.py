@@ -1,5 +1,5 @@
 """MGDA: the min-norm point of the convex hull of the gradients (Sener & Koltun, NeurIPS 2018;
-Désidéri 2012; METHODS.md Section 5).
+Désidéri 2012; ``docs/methods.md#mgda``, the solver in ``docs/methods.md#min-norm``).
 
 With normalizers nu_i and Mt = N^-1 M N^-1 (the Gramian of g_i / nu_i), solve
 alpha* = argmin over the simplex of alpha^T Mt alpha, exactly, with Wolfe's active-set
@@ -32,7 +32,7 @@ update falls back to the point's projection onto the dual cone {x : J x >= 0}
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -78,6 +78,13 @@ class MGDA(GramianWeighting):
     (alpha^T Mt alpha), ``converged`` (alpha passed the KKT test on Mt, see
     ``solvers.min_norm_solution``), ``fallback`` (it did not and conflicted with a task: the
     update is alpha's projection onto the dual cone instead, see the module docstring).
+
+    The min-norm point of the segment between the two gradients, (7 g_1 + 6 g_2) / 13:
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> deconflict.aggregate(J, deconflict.MGDA())
+    tensor([0.3077, 0.4615])
     """
 
     name = "mgda"
@@ -85,12 +92,15 @@ class MGDA(GramianWeighting):
     paper = "Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018"
     family = "multi-objective"
 
-    OPTIONS = (
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("normalizer", "str", "none", "divide g_i by nu_i: 1, ||g_i||, L_i or "
                "L_i ||g_i||", choices=NORMALIZERS),
         Option("update_from", "str", "normalized", "the update from the normalized gradients "
                "(the min-norm point) or from the raw ones", choices=("normalized", "raw")),
     )
+
+    normalizer: str
+    update_from: str
 
     def __init__(
         self,
@@ -103,8 +113,7 @@ class MGDA(GramianWeighting):
     def needs_losses(self) -> bool:
         return self.normalizer in ("loss", "loss+")
 
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        assert M is not None
+    def _compute(self, M: np.ndarray, context: Context) -> tuple[np.ndarray, Diagnostics]:
         nu = gradient_normalizers(M, context.losses, self.normalizer)
         Mt = M / np.outer(nu, nu)
         alpha, converged = min_norm_solution(Mt)

@@ -1,5 +1,5 @@
 """MGDA-UB: MGDA on the gradients with respect to the shared representation (Sener & Koltun,
-NeurIPS 2018, Section 3.3; METHODS.md Section 5).
+NeurIPS 2018, Section 3.3; ``docs/methods.md#mgda_ub``, ``docs/methods.md#representation-mode``).
 
 The min-norm weights are computed from the Gramian of the per-task gradients with respect to the
 shared features Z (an upper bound on the parameter problem, since
@@ -22,7 +22,15 @@ from .registry import register
 
 @register
 class MGDAUB(MGDA):
-    """MGDA-UB: needs ``features=`` in ``deconflict.backward``. Options as MGDA."""
+    """MGDA-UB: needs ``features=`` in ``deconflict.backward``. Options as MGDA.
+
+    The weights from a Gramian (in training, that of the features' gradients):
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> deconflict.MGDAUB().weights(J @ J.T, losses=[1.0, 2.0])
+    tensor([0.2790, 0.3224], dtype=torch.float64)
+    """
 
     name = "mgda_ub"
     summary = "MGDA on the shared representation's gradients, one encoder backward pass"

@@ -1,5 +1,5 @@
-"""Nash-MTL: multi-task learning as a bargaining game (Navon et al., ICML 2022; METHODS.md
-Section 13).
+"""Nash-MTL: multi-task learning as a bargaining game (Navon et al., ICML 2022;
+``docs/methods.md#nash_mtl``).
 
 The update D = J^T alpha with alpha > 0 solving alpha_i (M alpha)_i = 1 for every task (the Nash
 bargaining solution). Then ||D||^2 = alpha^T M alpha = T, whatever the gradient scale, and
@@ -41,13 +41,10 @@ with the new gradients. A converged solution never needs one: J D = 1/alpha > 0.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
-import torch
 
 from ..errors import ShapeError
-from ..linalg import to_numpy
 from ..solvers import (
     conflicts,
     dual_cone_weights,
@@ -58,6 +55,7 @@ from ..solvers import (
 from .base import Context, Diagnostics, GramianWeighting
 from .options import Option
 from .registry import register
+from .state import NUMBER, StateField
 
 
 @register
@@ -68,6 +66,13 @@ class NashMTL(GramianWeighting):
     ``converged``, ``fallback`` (the update is one of the module docstring's repairs),
     ``stationary_tasks`` (the mask S of that repair; all False otherwise), ``recomputed``
     (False when alpha was reused), ``clip_scale`` (the factor applied for max_norm).
+
+    The bargaining solution, scaled to ``max_norm`` = 1:
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> deconflict.aggregate(J, deconflict.NashMTL())
+    tensor([0.5257, 0.8507])
     """
 
     name = "nash_mtl"
@@ -83,27 +88,28 @@ class NashMTL(GramianWeighting):
                "reusing it in between", low=1),
     )
 
+    max_norm: float
+    update_weights_every: int
+
+    STATE = (StateField("alpha"), StateField("step", NUMBER))
+
+    alpha: np.ndarray | None  # the weights of the last step: the next solve's warm start
+    step: int
+
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1) -> None:
         self._set_options(max_norm=max_norm, update_weights_every=update_weights_every)
-        self.reset()
 
-    def reset(self) -> None:
-        self.alpha: np.ndarray | None = None
-        self.step = 0
-
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        assert M is not None
+    def _compute(self, M: np.ndarray, context: Context) -> tuple[np.ndarray, Diagnostics]:
         T = M.shape[0]
         if self.alpha is not None and self.alpha.shape != (T,):
             raise ShapeError(f"this nash_mtl has seen {self.alpha.size} tasks and now gets {T}; "
                              "call reset() to start over")
         recompute = self.step % self.update_weights_every == 0 or self.alpha is None
         converged = True
-        if recompute:
+        if recompute or self.alpha is None:
             solved, converged = nash_bargaining_weights(M, self.alpha)
         else:
             solved = self.alpha
-        assert solved is not None
         weights, stationary = solved, np.zeros(T, dtype=bool)
         if not converged:
             # No solution: 0 is in the hull. Bargain among the tasks that can still improve.
@@ -126,11 +132,3 @@ class NashMTL(GramianWeighting):
         return weights * scale, {"alpha": solved.copy(), "converged": converged,
                                  "fallback": fallback, "stationary_tasks": stationary,
                                  "recomputed": recompute, "clip_scale": scale}
-
-    def state_dict(self) -> dict[str, Any]:
-        alpha = None if self.alpha is None else torch.from_numpy(self.alpha.copy())
-        return {"alpha": alpha, "step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.alpha = None if state.get("alpha") is None else to_numpy(state["alpha"])
-        self.step = int(state.get("step", 0))

@@ -1,10 +1,13 @@
 """Method options, declared once: name, type, default, range or choices, one line of help.
 
 Each method lists its constructor's keyword arguments as a tuple of ``Option`` (its ``OPTIONS``).
-From that one declaration come the validation in the constructor (``Option.validate``, with the
-messages of ``finite_option`` / ``bounded_option`` / ``choice_option``), ``Method.options()`` and
-the repr, the parsing of command-line strings by type (``Option.parse``, ``parse_options``) and
-what ``deconflict methods NAME`` shows (``Option.describe``). Pure Python: no tensors here.
+From that one declaration come the validation in the constructor (``Option.validate``, through
+``Method._set_options``), ``Method.options()`` and the repr, the parsing of command-line strings
+by type (``Option.parse``, ``parse_options``) and what ``deconflict methods NAME`` shows
+(``Option.describe``). The class annotates each option's attribute with the type ``validate``
+returns (``float``, ``tuple[float, ...] | None``, ...), for the type checker; tests check the
+constructor's signature and those annotations against the declaration. Pure Python: no tensors
+here.
 
 Types: ``"float"`` (finite, optionally in a range whose ends may be open), ``"int"`` (a Python or
 NumPy integer, never a bool, optionally bounded below/above), ``"bool"`` and ``"str"``;
@@ -33,7 +36,12 @@ _FALSE = ("false", "no", "off", "0")
 
 @dataclass(frozen=True)
 class Option:
-    """One keyword argument of a method's constructor (see the module docstring)."""
+    """One keyword argument of a method's constructor (see the module docstring).
+
+    >>> radius = Option("c", "float", 0.5, "radius of the ball", low=0.0)
+    >>> radius.validate("cagrad", 1), radius.describe(), radius.flag
+    (1.0, 'float in [0, inf)', '--c')
+    """
 
     name: str
     type: str
@@ -131,7 +139,7 @@ class Option:
 
     def _int(self, method: str, label: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-                or not self._in_range(value):
+                or not self._in_range(int(value)):
             if self.low is not None and self.high is None and not self.low_open:
                 wanted = f"an int >= {self.low:g}"
             elif self.low is not None or self.high is not None:
@@ -220,7 +228,12 @@ class Option:
 
 
 def with_defaults(options: Sequence[Option], **defaults: Any) -> tuple[Option, ...]:
-    """The same declarations with other defaults (a subclass that changes a default)."""
+    """The same declarations with other defaults (a subclass that changes a default).
+
+    >>> import deconflict
+    >>> with_defaults(deconflict.MGDA.OPTIONS, normalizer="loss+")[0].default
+    'loss+'
+    """
     unknown = set(defaults) - {option.name for option in options}
     if unknown:
         raise TypeError(f"no options {sorted(unknown)} to give defaults to")
@@ -230,7 +243,12 @@ def with_defaults(options: Sequence[Option], **defaults: Any) -> tuple[Option, .
 
 def parse_options(method: str, declared: Sequence[Option],
                   texts: Mapping[str, str]) -> dict[str, Any]:
-    """Command-line strings by option name -> typed, validated values (unknown names refused)."""
+    """Command-line strings by option name -> typed, validated values (unknown names refused).
+
+    >>> import deconflict
+    >>> parse_options("cagrad", deconflict.CAGrad.OPTIONS, {"c": "0.4", "rescale": "0"})
+    {'c': 0.4, 'rescale': 0}
+    """
     by_name = {option.name: option for option in declared}
     values = {}
     for name, text in texts.items():

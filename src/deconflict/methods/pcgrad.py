@@ -1,4 +1,5 @@
-"""PCGrad: projecting conflicting gradients (Yu et al., NeurIPS 2020; METHODS.md Section 3).
+"""PCGrad: projecting conflicting gradients (Yu et al., NeurIPS 2020, Algorithm 1;
+``docs/methods.md#pcgrad``).
 
 For each task i, in a random order of the *other* tasks j, if the current g^pc_i conflicts with
 the original g_j, remove that component: g^pc_i <- g^pc_i - (g^pc_i . g_j / ||g_j||^2) g_j
@@ -7,9 +8,9 @@ the original g_j, remove that component: g^pc_i <- g^pc_i - (g^pc_i . g_j / ||g_
 Gramian form: g^pc_i = J^T c^(i) with c^(i) starting at e_i; g^pc_i . g_j = (M c^(i))_j, so a
 projection is c^(i)_j -= (M c^(i))_j / M_jj. Zero gradients (M_jj = 0) are skipped.
 
-Conventions (METHODS.md Section 3): self is excluded from the partner list, as in the paper and
-TorchJD (LibMTL and the official TF code include it, which matters only in rare cases); the
-result is a sum, as in the paper.
+Conventions (``docs/methods.md#pcgrad``): self is excluded from the partner list, as in the
+paper and TorchJD (LibMTL and the official TF code include it, which matters only in rare
+cases); the result is a sum, as in the paper.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ class PCGrad(SeededRandomness, GramianWeighting):
     Diagnostics: ``projection_coefficients`` (row i: g^pc_i = J^T row), ``orders``,
     ``zero_update``: None, or "stationary" (zero at a strongly Pareto-stationary J) or
     "cancelled" (the g^pc_i cancel elsewhere; a ``ZeroUpdateWarning`` once per instance).
+
+    Each gradient loses its component along the other (T = 2 draws no random order):
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> deconflict.aggregate(J, deconflict.PCGrad(seed=0))
+    tensor([0.8000, 1.4000])
     """
 
     name = "pcgrad"
@@ -66,9 +74,12 @@ class PCGrad(SeededRandomness, GramianWeighting):
                "it (saved in the state); none: PyTorch's global RNG", nullable=True),
     )
 
+    seed: int | None
+
+    STATE = (SeededRandomness.GENERATOR_STATE,)
+
     def __init__(self, seed: int | None = None) -> None:
         self._set_options(seed=seed)
-        self._init_generator(self.seed)
 
     def _orders(self, T: int) -> list[np.ndarray]:
         if T <= 2:
@@ -80,8 +91,7 @@ class PCGrad(SeededRandomness, GramianWeighting):
             orders.append(others[perm])
         return orders
 
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        assert M is not None
+    def _compute(self, M: np.ndarray, context: Context) -> tuple[np.ndarray, Diagnostics]:
         orders = self._orders(M.shape[0])
         c, C = pcgrad_weights(M, orders)
         diagnostics: Diagnostics = {"projection_coefficients": C, "orders": np.array(orders)}

@@ -27,12 +27,21 @@ def register(cls: M) -> M:
 
 
 def available() -> tuple[str, ...]:
-    """The registered method names, sorted."""
+    """The registered method names, sorted.
+
+    >>> import deconflict
+    >>> "gradops" in deconflict.available()
+    True
+    """
     return tuple(sorted(_METHODS))
 
 
 def method_class(name: str) -> type[Method]:
-    """The class registered under ``name`` (hyphens and case are forgiven)."""
+    """The class registered under ``name`` (hyphens and case are forgiven).
+
+    >>> method_class("CAGrad-Fast").__name__
+    'CAGradFast'
+    """
     key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
     if key not in _METHODS:
         close = difflib.get_close_matches(str(key), _METHODS, n=1)
@@ -44,7 +53,12 @@ def method_class(name: str) -> type[Method]:
 
 
 def get(name: str, **options: Any) -> Method:
-    """A new instance of the method registered under ``name``, built with ``options``."""
+    """A new instance of the method registered under ``name``, built with ``options``.
+
+    >>> import deconflict
+    >>> deconflict.get("gradops", alpha=-1)
+    GradOPS(alpha=-1.0, gating='per_task', dependence_tol=1e-06)
+    """
     cls = method_class(name)
     accepted = [option.name for option in cls.OPTIONS]
     unknown = sorted(set(options) - set(accepted))

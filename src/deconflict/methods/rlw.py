@@ -1,4 +1,4 @@
-"""RLW: random loss weighting (Lin et al., TMLR 2022; METHODS.md Section 12).
+"""RLW: random loss weighting (Lin et al., TMLR 2022; ``docs/methods.md#rlw``).
 
 At every step, lambda = softmax(xi) with xi ~ N(0, I_T) drawn afresh: the weights sum to 1 (so
 the scale is 1/T of a sum). This is the default of LibMTL, nash-mtl and TorchJD's ``Random``;
@@ -18,7 +18,14 @@ from .registry import register
 
 @register
 class RLW(SeededRandomness, LossWeighting):
-    """Random loss weighting; see the module docstring. Option: ``seed``."""
+    """Random loss weighting; see the module docstring. Option: ``seed``.
+
+    softmax of a standard normal draw from the seeded generator:
+
+    >>> import deconflict
+    >>> deconflict.RLW(seed=0).weights(losses=[1.0, 2.0])
+    tensor([0.8623, 0.1377], dtype=torch.float64)
+    """
 
     name = "rlw"
     summary = "Random weights softmax(N(0, I)) drawn afresh at every step"
@@ -30,9 +37,12 @@ class RLW(SeededRandomness, LossWeighting):
                "state); none: PyTorch's global RNG", nullable=True),
     )
 
+    seed: int | None
+
+    STATE = (SeededRandomness.GENERATOR_STATE,)
+
     def __init__(self, seed: int | None = None) -> None:
         self._set_options(seed=seed)
-        self._init_generator(self.seed)
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         draw = torch.randn(context.num_tasks, generator=self._generator, dtype=torch.float64)

@@ -1,4 +1,5 @@
-"""Linear scalarization: D = J^T w with fixed weights (METHODS.md Section 1)."""
+"""Linear scalarization: D = J^T w with fixed weights (``docs/methods.md#sum``,
+``docs/methods.md#mean``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ class Sum(LossWeighting):
     Option ``weights``: fixed static weights (default all 1), e.g. a grid of them (GradOPS
     Appendix C.3). The weights do not depend on the gradients, so the engine does one ordinary
     backward pass.
+
+    Fixed loss weights, whatever the losses:
+
+    >>> import deconflict
+    >>> deconflict.Sum(weights=[1.0, 0.5]).weights(losses=[1.0, 2.0])
+    tensor([1.0000, 0.5000], dtype=torch.float64)
     """
 
     name = "sum"
@@ -32,8 +39,9 @@ class Sum(LossWeighting):
                "all 1)", low=0.0, nullable=True, shape="list", attribute="weights_"),
     )
 
+    weights_: tuple[float, ...] | None
+
     def __init__(self, weights: Sequence[float] | None = None) -> None:
-        self.weights_: tuple[float, ...] | None
         self._set_options(weights=weights)
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
@@ -47,7 +55,14 @@ class Sum(LossWeighting):
 
 @register
 class Mean(LossWeighting):
-    """Mean of the task gradients, D = (1/T) sum_i g_i: backpropagate the mean loss."""
+    """Mean of the task gradients, D = (1/T) sum_i g_i: backpropagate the mean loss.
+
+    Uniform loss weights 1/T:
+
+    >>> import deconflict
+    >>> deconflict.Mean().weights(losses=[1.0, 2.0])
+    tensor([0.5000, 0.5000], dtype=torch.float64)
+    """
 
     name = "mean"
     summary = "Mean of the task losses (uniform weights 1/T)"

@@ -1,4 +1,5 @@
-"""The task tensioner (Nakamura, Grassi & Wolf; METHODS.md Section 18).
+"""The task tensioner (Nakamura, Grassi & Wolf, Eq. 2-8 and Algorithms 1-2;
+``docs/methods.md#tensioner``).
 
 A common descent direction v is pulled toward the tasks whose convergence stalls.
 
@@ -48,6 +49,7 @@ from ..solvers import min_norm_point
 from .base import Context, Diagnostics, GramianWeighting
 from .options import Option
 from .registry import register
+from .state import Custom, StateField
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,18 @@ class TensionerState:
 
 def initial_state(num_tasks: int, window: int) -> TensionerState:
     return TensionerState(norms=np.zeros((window, num_tasks)), count=0, previous=None)
+
+
+def _saved(state: TensionerState) -> dict[str, Any]:
+    previous = state.previous
+    return {"norms": torch.from_numpy(state.norms.copy()), "count": state.count,
+            "previous": None if previous is None else torch.from_numpy(previous.copy())}
+
+
+def _restored(saved: dict[str, Any]) -> TensionerState:
+    previous = saved["previous"]
+    return TensionerState(norms=to_numpy(saved["norms"]), count=int(saved["count"]),
+                          previous=None if previous is None else to_numpy(previous))
 
 
 def base_direction(M: np.ndarray, base: str) -> np.ndarray:
@@ -170,6 +184,13 @@ class Tensioner(GramianWeighting):
 
     Diagnostics: ``base_weights`` (p), ``tensioned`` (False during the warm-up), and after it
     ``delta``, ``tension_factors`` (c_m) and, for the feasible constraint, ``pull_scale`` (b).
+
+    The first step, before the window statistic exists, is the central direction:
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> deconflict.aggregate(J, deconflict.Tensioner(), losses=[1.0, 2.0])
+    tensor([0.2918, 0.4721])
     """
 
     name = "tensioner"
@@ -195,6 +216,17 @@ class Tensioner(GramianWeighting):
                "alone)"),
     )
 
+    alpha: float
+    window: int
+    base: str
+    constraint: str
+    min_loss: float
+    tension: bool
+    # None until the first step, which knows the number of tasks.
+    STATE = (StateField("state", Custom(_saved, _restored)),)
+
+    state: TensionerState | None
+
     def __init__(
         self,
         alpha: float = 0.3,
@@ -206,14 +238,12 @@ class Tensioner(GramianWeighting):
     ) -> None:
         self._set_options(alpha=alpha, window=window, base=base, constraint=constraint,
                           min_loss=min_loss, tension=tension)
-        self.state: TensionerState | None = None
 
     @property
     def needs_losses(self) -> bool:
         return True
 
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        assert M is not None
+    def _compute(self, M: np.ndarray, context: Context) -> tuple[np.ndarray, Diagnostics]:
         assert context.losses is not None
         T = M.shape[0]
         state = self.state if self.state is not None else initial_state(T, self.window)
@@ -230,28 +260,13 @@ class Tensioner(GramianWeighting):
         )
         return q, diagnostics
 
-    def reset(self) -> None:
-        self.state = None
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.state is None:
-            return {}
-        previous = self.state.previous
-        return {
-            "norms": torch.from_numpy(self.state.norms.copy()),
-            "count": self.state.count,
-            "previous": None if previous is None else torch.from_numpy(previous.copy()),
-        }
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            self.state = None
-            return
-        norms = to_numpy(state["norms"])
-        if norms.ndim != 2 or norms.shape[0] != self.window:
-            raise ShapeError(
-                f"tensioner state has a norm buffer of shape {norms.shape}, expected "
-                f"({self.window}, T) for window={self.window}"
-            )
-        previous = None if state["previous"] is None else to_numpy(state["previous"])
-        self.state = TensionerState(norms=norms, count=int(state["count"]), previous=previous)
+        saved = state.get("state")
+        if saved is not None:
+            norms = saved["norms"]
+            if norms.ndim != 2 or norms.shape[0] != self.window:
+                raise ShapeError(
+                    f"tensioner state has a norm buffer of shape {tuple(norms.shape)}, expected "
+                    f"({self.window}, T) for window={self.window}"
+                )
+        super().load_state_dict(state)

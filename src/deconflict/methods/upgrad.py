@@ -1,5 +1,6 @@
 """UPGrad: unconflicting projection of gradients (Quinton & Rey, "Jacobian Descent for
-Multi-Objective Optimization", 2024; TorchJD; METHODS.md Section 15).
+Multi-Objective Optimization", 2024; TorchJD; ``docs/methods.md#upgrad``, the projection in
+``docs/methods.md#dual-cone``).
 
 D = sum_i p_i pi_J(g_i), where pi_J(x) = argmin over {y : J y >= 0} of ||y - x||^2 projects onto
 the dual cone of the rows of J and p is a preference vector (default 1/T). Gramian form:
@@ -50,6 +51,13 @@ class UPGrad(GramianWeighting):
     Options: ``pref_vector`` (default 1/T each), ``reg_eps`` (default 0, TorchJD 1e-4).
     Diagnostics: ``projection_coefficients`` (row i: v*(p_i e_i), so g_i projected onto the dual
     cone is J^T row).
+
+    The mean of each gradient's projection onto the dual cone {x : J x >= 0}:
+
+    >>> import torch, deconflict
+    >>> J = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+    >>> deconflict.aggregate(J, deconflict.UPGrad())
+    tensor([0.4000, 0.7000])
     """
 
     name = "upgrad"
@@ -64,11 +72,13 @@ class UPGrad(GramianWeighting):
                "projections (TorchJD: 1e-4)", low=0.0),
     )
 
+    pref_vector: tuple[float, ...] | None
+    reg_eps: float
+
     def __init__(self, pref_vector: Sequence[float] | None = None, reg_eps: float = 0.0) -> None:
         self._set_options(pref_vector=pref_vector, reg_eps=reg_eps)
 
-    def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
-        assert M is not None
+    def _compute(self, M: np.ndarray, context: Context) -> tuple[np.ndarray, Diagnostics]:
         pref = preference_weights(self.name, self.pref_vector, M.shape[0])
         projections = dual_cone_weights(M, np.diag(pref), self.reg_eps)
         return projections.sum(axis=0), {"projection_coefficients": projections}

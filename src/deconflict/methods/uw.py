@@ -1,4 +1,4 @@
-"""Uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018; METHODS.md Section 10).
+"""Uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018; ``docs/methods.md#uw``).
 
 Loss sum_i 0.5 exp(-s_i) L_i + 0.5 s_i with learnable s_i = log sigma_i^2 (the paper's
 regression form). The model's gradient is that of sum_i c_i L_i with c_i = 0.5 exp(-s_i); s
@@ -23,6 +23,16 @@ class UncertaintyWeighting(LearnedWeighting):
     """Uncertainty weighting; see the module docstring. Needs ``losses``.
 
     Diagnostics: ``s`` (log variances before this step's update).
+
+    Weights 0.5 exp(-s), then one Adam step on s (the first loss, 1, is
+    already at the optimum exp(s) = L of s = 0):
+
+    >>> import deconflict
+    >>> uw = deconflict.UncertaintyWeighting()
+    >>> uw.weights(losses=[1.0, 2.0])
+    tensor([0.5000, 0.5000], dtype=torch.float64)
+    >>> uw.weights(losses=[1.0, 2.0])
+    tensor([0.5000, 0.4877], dtype=torch.float64)
     """
 
     name = "uw"

@@ -1,8 +1,8 @@
 """Recon's surgery: turn chosen shared layers of a trunk into one copy per task.
 
-Recon (Shi et al., ICLR 2023, "Reducing Conflicting Gradients from the Root"; EXPERIMENTS.md
-Section 6 of the shared papers) scores the shared layers by how much the task gradients conflict
-on them, replaces the K highest-scoring layers by T copies, one per task, and retrains.
+Recon (Shi et al., ICLR 2023, "Reducing Conflicting Gradients from the Root";
+docs/methods.md#recon) scores the shared layers by how much the task gradients conflict on them,
+replaces the K highest-scoring layers by T copies, one per task, and retrains.
 ``branch(trunk, layer_names, T)`` does the replacement:
 
 - the forward pass splits into T streams at the first branched layer. In stream t each branched
@@ -16,6 +16,16 @@ on them, replaces the K highest-scoring layers by T copies, one per task, and re
 A name may be a container ("features"): every layer called inside it that owns parameters or
 buffers is branched. Buffers count because a BatchNorm's running statistics describe one
 stream's features.
+
+Trunks that compute every task's features themselves (mixtures of experts with per-task gates,
+PLE, cross-stitch towers, MTAN's attention) subclass :class:`TaskTrunk`: their forward returns
+one entry per task, in task order, and ``task_specific`` names the submodules inside them that
+only one task's loss reaches (a task's own gate). Branching such a trunk keeps its output
+structure: entry t is computed in stream t, and each stream computes only what its own entry
+needs (what only the other entries need is dropped from stream t), so a task's own path, e.g.
+its attention masks, runs once rather than once per stream. Task-specific submodules are
+never branched and never among ``shared_parameters()``. "The shared layers" of a model are then
+known without a single shared output tensor: those of the trunk that are not task-specific.
 
 How: the tracer of ``torch.fx.symbolic_trace`` (told to call the named layers whole) turns a deep
 copy of the trunk (the input module is left alone), nn.Sequential or custom forward alike, into a
@@ -52,26 +62,73 @@ from torch import Tensor, fx, nn
 
 from ..errors import InvalidOptionError, UnsupportedModelError
 
-__all__ = ["BranchedModule", "branch"]
+__all__ = ["BranchedModule", "TaskTrunk", "branch"]
+
+
+class TaskTrunk(nn.Module):
+    """A trunk that computes each task's features: ``forward`` returns a tuple with one entry per
+    task (in task order), and ``task_specific`` lists the qualified names of the submodules that
+    only one task's loss reaches (e.g. ``("gates.income", "gates.marital")``).
+
+    ``shared_parameters()`` are the others: the parameters every task's loss reaches, which a
+    multi-task method combines. :func:`branch` keeps a ``TaskTrunk``'s output structure (see the
+    module docstring).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> class TwoGates(TaskTrunk):
+    ...     task_specific = ("gates",)
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.body = nn.Linear(3, 4)
+    ...         self.gates = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+    ...     def forward(self, x):
+    ...         h = self.body(x)
+    ...         return tuple(gate(h) for gate in self.gates)
+    >>> [name for name, _ in TwoGates().shared_parameters()]
+    ['body.weight', 'body.bias']
+    """
+
+    task_specific: tuple[str, ...] = ()
+
+    def shared_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters outside the ``task_specific`` submodules, with their names."""
+        for name, parameter in self.named_parameters():
+            if not _under(name, self.task_specific):
+                yield name, parameter
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
 
 
 class BranchedModule(nn.Module):
     """A trunk whose branched layers have one copy per task; built by :func:`branch`.
 
     ``forward(*args, **kwargs)`` takes the trunk's inputs and returns a tuple of ``num_tasks``
-    outputs, each structured like the trunk's output. ``trunk`` is the rewritten
-    ``fx.GraphModule`` (``trunk.code`` shows the streams); ``branches[key][t]`` is task t's copy of
-    a branched layer, ``key`` being its name with dots replaced by underscores.
+    outputs, each structured like the trunk's output (for a :class:`TaskTrunk`, whose output
+    already has one entry per task: that output, entry t computed with task t's copies).
+    ``trunk`` is the rewritten ``fx.GraphModule`` (``trunk.code`` shows the streams);
+    ``branches[key][t]`` is task t's copy of a branched layer, ``key`` being its name with dots
+    replaced by underscores; ``task_specific`` the trunk's task-specific modules (a
+    :class:`TaskTrunk`'s), which are not among the shared parameters either.
+
+    >>> from torch import nn
+    >>> from deconflict.recon import branch
+    >>> branched = branch(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)), ["1"], num_tasks=3)
+    >>> branched.num_tasks, branched.layer_names, len(branched.branches["1"])
+    (3, ('1',), 3)
     """
 
     def __init__(
         self, trunk: fx.GraphModule, branches_attr: str, layer_names: tuple[str, ...],
-        num_tasks: int,
+        num_tasks: int, task_specific: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.trunk = trunk
         self.num_tasks = num_tasks
         self.layer_names = layer_names
+        self.task_specific = task_specific
         self._branches_attr = branches_attr
 
     @property
@@ -87,9 +144,9 @@ class BranchedModule(nn.Module):
 
         Named as in the original trunk, so that per-layer reports use the trunk's names.
         """
-        prefix = f"{self._branches_attr}."
+        excluded = (self._branches_attr, *self.task_specific)
         for name, parameter in self.trunk.named_parameters():
-            if not name.startswith(prefix):
+            if not _under(name, excluded):
                 yield name, parameter
 
     def task_parameters(self, task: int) -> Iterator[tuple[str, nn.Parameter]]:
@@ -132,7 +189,24 @@ def branch(module: nn.Module, layer_names: Sequence[str], num_tasks: int) -> Bra
 
     ``layer_names`` are qualified names as in ``module.named_modules()`` (a single string is one
     name); a container stands for the layers called inside it; repeated or nested names are
-    merged. The result's ``forward`` returns a tuple of ``num_tasks`` outputs.
+    merged. The result's ``forward`` returns a tuple of ``num_tasks`` outputs. A
+    :class:`TaskTrunk` must return a tuple (or list) of ``num_tasks`` entries, its
+    ``task_specific`` submodules cannot be branched, and stream t computes only entry t.
+
+    Branch the last layer of a trunk for two tasks; the copies start from the original weights:
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from deconflict.recon import branch
+    >>> trunk = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+    >>> branched = branch(trunk, ["2"], num_tasks=2)
+    >>> first, second = branched(torch.randn(5, 4))
+    >>> first.shape, torch.equal(first, second)
+    (torch.Size([5, 8]), True)
+    >>> [name for name, _ in branched.task_parameters(1)]
+    ['branches.2.1.weight', 'branches.2.1.bias']
+    >>> sum(p.numel() for _, p in branched.shared_parameters())   # layer "0" stays shared
+    40
     """
     try:
         num_tasks = operator.index(num_tasks)
@@ -147,7 +221,15 @@ def branch(module: nn.Module, layer_names: Sequence[str], num_tasks: int) -> Bra
         raise InvalidOptionError(f"layer_names must be strings, got {names!r}")
 
     trunk = copy.deepcopy(module)
+    task_specific = tuple(module.task_specific) if isinstance(module, TaskTrunk) else ()
     chosen = {name: _submodule(trunk, name) for name in names}
+    for name in chosen:
+        clash = [t for t in task_specific if _under(name, [t]) or _under(t, [name])]
+        if clash:
+            raise UnsupportedModelError(
+                f"layer {name!r} of {type(module).__name__} is or holds the task-specific "
+                f"module {clash[0]!r}: only layers every task shares can be branched"
+            )
     for name, layer in chosen.items():
         if not _owns_tensors(layer):
             raise UnsupportedModelError(
@@ -188,13 +270,14 @@ def branch(module: nn.Module, layer_names: Sequence[str], num_tasks: int) -> Bra
         attr += "_"
     trunk.add_module(attr, branches)
 
+    entry_per_task = isinstance(module, TaskTrunk)
     rewritten = _split(graph, streams, {unit: f"{attr}.{keys[unit]}" for unit in units},
-                       num_tasks)
+                       num_tasks, entry_per_task, type(module).__name__)
     # GraphModule copies only what the new graph references, so the branched layers' original
     # instances are left behind and their parameters are not counted twice.
     graph_module = fx.GraphModule(trunk, rewritten, class_name=type(module).__name__)
     setattr(graph_module, attr, branches)  # keep the ModuleDict, not fx's plain path modules
-    return BranchedModule(graph_module, attr, tuple(units), num_tasks)
+    return BranchedModule(graph_module, attr, tuple(units), num_tasks, task_specific)
 
 
 def _owns_tensors(module: nn.Module, recurse: bool = True) -> bool:
@@ -317,10 +400,12 @@ def _check_inplace(graph: fx.Graph, streams: set[fx.Node]) -> None:
 
 def _split(
     graph: fx.Graph, streams: set[fx.Node], copies: dict[str, str], num_tasks: int,
+    entry_per_task: bool = False, name: str = "the trunk",
 ) -> fx.Graph:
     """A graph computing the nodes outside ``streams`` once and those inside once per task,
     calls to a branched layer in stream t going to its t-th copy (``copies`` maps a branched
-    layer's path to its copies' path, without the task index)."""
+    layer's path to its copies' path, without the task index). With ``entry_per_task`` the
+    output is the trunk's own tuple, entry t taken from stream t."""
     new = fx.Graph()
     shared: dict[fx.Node, fx.Node] = {}
     per_task: list[dict[fx.Node, fx.Node]] = [{} for _ in range(num_tasks)]
@@ -329,7 +414,16 @@ def _split(
         return per_task[task][node] if node in per_task[task] else shared[node]
 
     for node in graph.nodes:
-        if node.op == "output":
+        if node.op == "output" and entry_per_task:
+            entries = node.args[0]
+            if not isinstance(entries, (tuple, list)) or len(entries) != num_tasks:
+                raise UnsupportedModelError(
+                    f"{name} is a TaskTrunk, so its forward must return a tuple with one entry "
+                    f"per task ({num_tasks}); it returns {type(entries).__name__}"
+                    + (f" of {len(entries)}" if isinstance(entries, (tuple, list)) else ""))
+            new.output(tuple(fx.map_arg(entry, functools.partial(lookup, task=t))
+                             for t, entry in enumerate(entries)))
+        elif node.op == "output":
             new.output(tuple(fx.map_arg(node.args[0], functools.partial(lookup, task=t))
                              for t in range(num_tasks)))
         elif node not in streams:
@@ -347,6 +441,14 @@ def _split(
                 )
                 copied.meta = dict(node.meta)
                 per_task[t][node] = copied
+    if entry_per_task:
+        # Stream t's copies of what only the other tasks' entries need feed no output: drop
+        # them (last first, so that their inputs lose their users too). Only per-task copies
+        # go: a call computed once (an input check, say) stays whatever its users.
+        copies_made = {copied for stream in per_task for copied in stream.values()}
+        for copied in reversed(list(new.nodes)):
+            if copied in copies_made and not copied.users:
+                new.erase_node(copied)
     for node in new.nodes:
         # Postponed annotations (``from __future__ import annotations``) reach fx as strings,
         # which GraphModule's pickling tries to import as types.

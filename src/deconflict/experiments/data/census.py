@@ -53,7 +53,7 @@ CONTINUOUS = ("age", "wage per hour", "capital gains", "capital losses", "divide
               "num persons worked for employer", "weeks worked in year")
 NOT_FEATURES = ("education", "marital stat", "instance weight", "income")
 TASKS = ("income", "marital", "education")
-EDUCATION_CUTS = {
+EDUCATION_CUTS: dict[str, tuple[str, ...]] = {
     "bachelors": ("Bachelors degree(BA AB BS)", "Masters degree(MA MS MEng MEd MSW MBA)",
                   "Doctorate degree(PhD EdD)", "Prof school degree (MD DDS DVM LLB JD)"),
 }

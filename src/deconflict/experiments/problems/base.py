@@ -24,7 +24,7 @@ import math
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,15 +32,15 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ...diagnostics import ConflictMonitor
 from ...distributed import global_losses
 from ...engine import backward
 from ...errors import DataFormatError, InvalidOptionError
 from ...io import save_torch
-from ...methods.base import Method
-from ...recon import BranchedModule, branch
+from ...methods.base import AfterStep, EpochEnd, LossWeighting, Method
+from ...recon import branch
+from ..multitask import MultiTaskModel
 from .settings import Setting, resolve
 
 MethodFactory = Callable[[], Method]
@@ -62,10 +62,21 @@ NEUTRAL: tuple[Setting, ...] = (
 NEUTRAL_SETTINGS: dict[str, Any] = {setting.name: setting.default for setting in NEUTRAL}
 
 
-def essential_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` without the ``NEUTRAL_SETTINGS`` that are at their neutral value."""
+def essential_config(config: Mapping[str, Any], settings: Iterable[Setting] = ()
+                     ) -> dict[str, Any]:
+    """``config`` without the ``NEUTRAL_SETTINGS`` at their neutral value, nor the problem's
+    own ``neutral`` ``settings`` at their default."""
+    neutral = dict(NEUTRAL_SETTINGS)
+    neutral.update({s.name: s.default for s in settings if s.neutral})
     return {key: value for key, value in config.items()
-            if not (key in NEUTRAL_SETTINGS and value == NEUTRAL_SETTINGS[key])}
+            if not (key in neutral and _same(value, neutral[key]))}
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Equal as recorded: lists and tuples alike (a record's JSON has lists)."""
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        return list(value) == list(default)
+    return bool(value == default)
 
 
 # The settings most supervised problems share, with each problem's defaults.
@@ -209,33 +220,6 @@ class Problem(ABC):
             raise InvalidOptionError(
                 f"{self.name} {self.not_distributed}; --nproc applies to "
                 f"{', '.join(problem_names(lambda cls: cls.distributable))}")
-
-
-class MultiTaskModel(nn.Module):
-    """A model with shared parameters (``shared``) and one output per task.
-
-    ``forward`` returns the shared representation and a dict of task outputs; the
-    representation is what representation mode (``features=``) differentiates.
-    """
-
-    shared: nn.Module
-    # Whether ``shared`` is one trunk module called once whose layers ``recon.branch`` may
-    # split; such a model's forward must accept the per-task streams (``task_streams``).
-    supports_branching: bool = False
-
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover
-        raise NotImplementedError
-
-    def shared_parameters(self) -> list[tuple[str, Tensor]]:
-        """The parameters every task shares (without the branched copies after Recon)."""
-        if isinstance(self.shared, BranchedModule):
-            return list(self.shared.shared_parameters())
-        return list(self.shared.named_parameters())
-
-    def task_streams(self, z: Any, count: int) -> list[Any]:
-        """The trunk's output for each of ``count`` tasks: its per-task streams once Recon
-        branched it, else the one shared representation ``count`` times."""
-        return list(z) if isinstance(self.shared, BranchedModule) else [z] * count
 
 
 @dataclass(frozen=True)
@@ -401,7 +385,7 @@ class SupervisedProblem(Problem):
         run = TrainingRun(self, config, tasks, seed, data, model, method)
         representation = bool(config.get("representation")) or method.needs_features
         measure = monitor is not None or bool(config.get("measure_conflicts"))
-        compute_gramian = True if measure and method.kind == "losses" else None
+        compute_gramian = True if measure and isinstance(method, LossWeighting) else None
         monitor = monitor or ConflictMonitor(method, task_names=tasks)
         shared = model.shared_parameters()
         world, rank = _process_group()
@@ -412,15 +396,18 @@ class SupervisedProblem(Problem):
         if world > 1 and checkpoint is not None:
             checkpoint = checkpoint.for_rank(rank)
         generator = torch.Generator().manual_seed(seed)
-        position = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0}
-        identity = {"problem": self.name, "config": essential_config(config), "seed": seed,
+        position: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0}
+        identity = {"problem": self.name, "config": essential_config(config, self.settings()),
+                    "seed": seed,
                     "tasks": list(tasks), "method": repr(method)}
         resumed = checkpoint is not None and checkpoint.resume and checkpoint.path.is_file()
-        if resumed:
+        if checkpoint is not None and resumed:
             position = _restore(checkpoint.path, identity, run, optimizer, monitor, generator)
         started = time.perf_counter() - position["seconds"]
         epochs = self.epoch_count(config)
         steps_per_epoch = math.ceil(len(data.train) / config["batch_size"])
+        from tqdm import tqdm  # the experiments extra: never imported with the library
+
         bar = tqdm(total=epochs * steps_per_epoch, initial=position["step"],
                    disable=not progress or rank != 0, unit="step", leave=False,
                    desc=f"{self.name}: {getattr(method, 'name', 'method')} seed {seed}")
@@ -454,7 +441,7 @@ class SupervisedProblem(Problem):
                                   compute_gramian=compute_gramian, **sync)
                 monitor.observe(record)
                 optimizer.step()
-                if method.needs_losses_after_step:
+                if isinstance(method, AfterStep):
                     with torch.no_grad():
                         after = torch.stack(self.step_losses(run, inputs, targets)[1])
                         if sync.get("distributed") == "exact":
@@ -474,9 +461,8 @@ class SupervisedProblem(Problem):
                         "state": run.state, "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(), "method": method.state_dict(),
                         "monitor": monitor.state_dict(), "rng": rng_states()})
-            end_epoch = getattr(method, "end_epoch", None)
-            if end_epoch is not None:
-                end_epoch()
+            if isinstance(method, EpochEnd):
+                method.end_epoch()
             if self.end_of_epoch(run):
                 break
         bar.close()

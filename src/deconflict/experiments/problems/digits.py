@@ -95,7 +95,8 @@ class TwoDigitProblem(SupervisedProblem):
             count = int(len(images) * config["pairs_per_image"])
             samples = compose(images, labels, count, self.canvas, SPLIT_SEED + k, self.resize)
             datasets.append(_dataset(samples, config["variant"]))
-        return Data(*datasets, note=note)
+        train, validation, test = datasets
+        return Data(train, validation, test, note=note)
 
     def build_model(self, config: Mapping[str, Any], tasks: Sequence[str],
                     data: Data) -> MultiTaskModel:

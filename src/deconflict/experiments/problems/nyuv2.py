@@ -27,17 +27,25 @@ refused for it with InvalidOptionError.
 
 The default configuration is the papers' (SegNet, Adam lr 1e-4, batch 2, 200 epochs) and is
 GPU-scale: about 80,000 steps of a 25M-parameter network on 288 x 384 images, days on 2 CPU
-cores, so unlike the other problems it does not finish within 10 minutes on CPU. The shared
-training loop has no learning-rate schedule, so the papers' halving of the rate after epoch 100
-is not applied. The smoke configuration (tiny widths, 4 images, 1 epoch) runs in seconds.
+cores, so unlike the other problems it does not finish within 10 minutes on CPU. The learning
+rate follows the papers' schedule (the MTAN and CAGrad code's ``StepLR(step_size=100,
+gamma=0.5)``): epoch e (from 0) trains at lr * lr_decay^floor(e / lr_step), so with the defaults
+epochs 0-99 at 1e-4 and 100-199 at 5e-5 (``lr_step=none``: constant). The smoke configuration
+(tiny widths, 4 images, 1 epoch) runs in seconds.
+
+Recon (``branch``): any layer of SegNet's trunk, or of MTAN's shared trunk and attention blocks
+(names as in ``MTAN.shared``: ``trunk.encoder_first.2``, ``encoder_blocks.1``, ...); MTAN is
+branched by ``MTAN.branch``, which traces its whole body (``segnet`` module docstring).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 from torch.nn import functional
 
 from ...errors import InvalidOptionError
@@ -54,6 +62,7 @@ from .base import (
     Metric,
     MultiTaskModel,
     SupervisedProblem,
+    TrainingRun,
     batch_size_setting,
     epochs_setting,
     lr_setting,
@@ -94,6 +103,10 @@ class NYUv2(SupervisedProblem):
         batch_size_setting(2),
         lr_setting(1e-4, 1e-3),
         WEIGHT_DECAY,
+        Setting("lr_step", "int", 100, "epochs between multiplications of the learning rate "
+                "by lr_decay (none: constant)", low=1, optional=True),
+        Setting("lr_decay", "float", 0.5, "factor of the learning rate every lr_step epochs",
+                low=0.0, high=1.0, open_low=True),
         Setting("model", "str", "segnet", "shared SegNet with a head per task (GradOPS) or "
                 "MTAN's per-task attention (CAGrad)", choices=MODELS),
         Setting("filters", "ints", list(DEFAULT_FILTERS), "channels of the encoder stages",
@@ -109,8 +122,54 @@ class NYUv2(SupervisedProblem):
         DATA,
     )
 
+    def __init__(self) -> None:
+        # Each model's optimizer, for the epoch's learning rate (the loop hands ``batches`` the
+        # run, not the optimizer); weak, so that finished runs are not kept alive.
+        self._optimizers: weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer] = (
+            weakref.WeakKeyDictionary())
+
     def tasks(self, config: Mapping[str, Any]) -> tuple[str, ...]:
         return TASKS
+
+    @staticmethod
+    def learning_rate(config: Mapping[str, Any], epoch: int) -> float:
+        """The learning rate of epoch ``epoch`` (0-based): lr * lr_decay^floor(epoch / lr_step),
+        what ``torch.optim.lr_scheduler.StepLR`` gives after ``epoch`` steps.
+
+        >>> NYUv2.learning_rate({"lr": 1e-4, "lr_step": 100, "lr_decay": 0.5}, 100)
+        5e-05
+        """
+        step = config.get("lr_step")
+        if not step:
+            return float(config["lr"])
+        return float(config["lr"]) * float(config.get("lr_decay", 0.5)) ** (epoch // step)
+
+    def make_optimizer(self, model: nn.Module, config: Mapping[str, Any]
+                       ) -> torch.optim.Optimizer:
+        optimizer = super().make_optimizer(model, config)
+        self._optimizers[model] = optimizer
+        return optimizer
+
+    def batches(self, run: TrainingRun, generator: torch.Generator
+                ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        # Called as each epoch starts (a resumed run too): set that epoch's rate first.
+        optimizer = self._optimizers.get(run.model)
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = self.learning_rate(run.config, run.epoch)
+        return super().batches(run, generator)
+
+    def model_for(self, config: Mapping[str, Any], tasks: Sequence[str], data: Data,
+                  seed: int) -> MultiTaskModel:
+        layers = list(config.get("branch") or [])
+        if config.get("model") != "mtan" or not layers:
+            return super().model_for(config, tasks, data, seed)
+        # MTAN's shared layers are not one trunk module: the model branches its whole body.
+        model = super().model_for({**config, "branch": []}, tasks, data, seed)
+        if not isinstance(model, MTAN):  # pragma: no cover - build_model makes one for "mtan"
+            raise InvalidOptionError("nyuv2: model='mtan' did not build an MTAN")
+        model.branch(layers, len(tasks))
+        return model
 
     def metrics(self, config: Mapping[str, Any]) -> tuple[Metric, ...]:
         return tuple(Metric(name, task, _HIGHER_IS_BETTER[name])

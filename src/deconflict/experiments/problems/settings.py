@@ -37,7 +37,9 @@ class Setting:
     ``low``/``high`` bound the value (each element of a list); ``open_low``/``open_high`` make a
     bound strict. ``optional``: ``None`` (``--set KEY=none``) is allowed. ``named``: for
     ``points``, sets of points chosen by name (``--set starts=paper``). ``smoke``: the value in
-    the smoke configuration (the default when not given).
+    the smoke configuration (the default when not given). ``neutral``: a setting added after
+    runs were recorded; at its default it is left out of a run's key (``essential_config``), so
+    those records stay valid.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Setting:
     choices: tuple[str, ...] | None = None
     optional: bool = False
     named: Mapping[str, Any] = field(default_factory=dict)
+    neutral: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ...errors import InvalidOptionError
 from ..toy2d import CODE_START_POINTS, PAPER_START_POINTS, optimize, pareto_distance, toy_problem
@@ -82,6 +81,8 @@ class Toy2D(Problem):
         def save(state: dict[str, Any]) -> None:
             assert checkpoint is not None
             save_torch(checkpoint.path, {**state, "identity": identity, "rng": rng_states()})
+
+        from tqdm import tqdm  # the experiments extra: never imported with the library
 
         name = getattr(methods[0], "name", "method")
         with tqdm(total=steps, initial=0 if resume is None else resume["step"], unit="step",

@@ -111,6 +111,7 @@ class XorAnd(SupervisedProblem):
         config, tasks = run.config, run.tasks
         converged_at = run.state.setdefault("converged_at", {task: math.nan for task in tasks})
         if config["convergence"] == "code":
+            assert run.epoch_losses is not None  # every step of the epoch added its losses
             measured = run.epoch_losses / (4 * len(tasks))
         else:
             with torch.no_grad():

@@ -1,0 +1,202 @@
+"""Walks of the autograd graph: the one place the engine and the tracker read its structure.
+
+An autograd graph is a DAG of nodes (``tensor.grad_fn``); a leaf tensor that requires grad is
+reached through its ``AccumulateGrad`` node, whose ``variable`` is the leaf. Three questions are
+asked of it, all answered by ``nodes`` (each node reached once, depth first, never past a
+``stop`` node):
+
+- ``leaves``: the leaf tensors the losses reach (the parameters that get a gradient: the
+  shared ones and the task heads), optionally not crossing given nodes (the features);
+- ``reaches``: whether a loss depends on given leaves or nodes (a disconnected loss, a
+  recurrent layer in Gramian mode), stopping at the first hit;
+- ``TaskGraph``: which task owns each node, to name the task at fault after one backward pass
+  of sum_i c_i L_i (``docs/methods.md#non-finite``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .finite import NonFinite
+
+Node = Any  # torch.autograd.graph.Node; its Python type is not public
+
+
+def nodes(starts: Iterable[Node | None], stop: Collection[Node] = ()) -> Iterator[Node]:
+    """Every node reached from ``starts`` (each once), never entering a node of ``stop``.
+
+    >>> import torch
+    >>> x = torch.ones(2, requires_grad=True)
+    >>> [type(n).__name__ for n in nodes([(x * 2).sum().grad_fn])]
+    ['SumBackward0', 'MulBackward0', 'AccumulateGrad']
+    """
+    seen: set[Node] = set()
+    pending = [node for node in starts if node is not None]
+    while pending:
+        node = pending.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        yield node
+        pending.extend(child for child, _ in node.next_functions if child is not None)
+
+
+def leaves(roots: Sequence[Tensor], stop: Collection[Node] = ()) -> list[Tensor]:
+    """Leaf tensors that require grad and are reached from ``roots`` without entering ``stop``.
+
+    >>> import torch
+    >>> w = torch.ones(2, requires_grad=True)
+    >>> found = leaves([(w * 3).sum()])
+    >>> len(found), found[0] is w
+    (1, True)
+    """
+    found: dict[int, Tensor] = {}
+    for root in roots:
+        if root.grad_fn is None and root.requires_grad:
+            found.setdefault(id(root), root)
+    for node in nodes((root.grad_fn for root in roots), stop):
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.setdefault(id(variable), variable)
+    return list(found.values())
+
+
+def reaches(
+    starts: Iterable[Tensor | Node], leaf_ids: Collection[int], targets: Collection[Node] = ()
+) -> bool:
+    """Whether the graph below ``starts`` (tensors or nodes) holds one of the leaves (by id) or
+    one of the ``targets`` nodes; stops at the first one found.
+
+    >>> import torch
+    >>> w, v = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    >>> loss = (w * 2).sum()
+    >>> reaches([loss], {id(w)}), reaches([loss], {id(v)})
+    (True, False)
+    """
+    roots: list[Node] = []
+    for start in starts:
+        if isinstance(start, Tensor):
+            if id(start) in leaf_ids:
+                return True
+            roots.append(start.grad_fn)
+        else:
+            roots.append(start)
+    for node in nodes(roots):
+        if node in targets:
+            return True
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in leaf_ids:
+            return True
+    return False
+
+
+_SHARED = -1
+
+
+class TaskGraph:
+    """The losses' autograd graph, each node labelled with the one task that reaches it (or
+    shared), to name the task at fault after a single backward pass of sum_i c_i L_i.
+
+    The labels take one walk (each node is visited at most twice: when a task first reaches it
+    and when a second one does). The "frontier" of task i are its own nodes with a shared input:
+    the gradient they send is task i's contribution c_i dL_i/dz to the shared part. During the
+    pass (``watching``), each frontier node's outgoing gradient is reduced to a sum, kept as a
+    tensor and read only if the pass produced a non-finite gradient.
+
+    >>> import torch
+    >>> z = torch.ones(3, requires_grad=True) * 2           # shared
+    >>> heads = [torch.ones(3, requires_grad=True) for _ in range(2)]
+    >>> graph = TaskGraph([(z * h).sum() for h in heads])
+    >>> len(graph.leaves), len(graph.frontier)
+    (3, 2)
+    """
+
+    def __init__(self, roots: Sequence[Tensor]) -> None:
+        owner: dict[Node, int] = {}
+        leaf_owner: dict[int, int] = {}
+        self.leaves: list[Tensor] = []
+        # The children of each node, read once: next_functions builds new tuples at every read.
+        children: dict[Node, list[Node]] = {}
+        for task, root in enumerate(roots):
+            if root.grad_fn is None and root.requires_grad:
+                self._add_leaf(root, task, leaf_owner)
+            pending = [] if root.grad_fn is None else [(root.grad_fn, False)]
+            while pending:
+                node, shared = pending.pop()
+                current = owner.get(node)
+                if shared or (current is not None and current != task):
+                    if current == _SHARED:
+                        continue
+                    owner[node] = _SHARED
+                    shared = True
+                elif current is None:
+                    owner[node] = task
+                else:
+                    continue  # this task was here already
+                below = children.get(node)
+                if below is None:
+                    below = children[node] = [child for child, _ in node.next_functions]
+                pending += [(child, shared) for child in below if child is not None]
+        # (node, task, the indices of its inputs that are shared)
+        self.frontier: list[tuple[Node, int, list[int]]] = []
+        for node, task in owner.items():
+            variable = getattr(node, "variable", None)
+            if variable is not None:
+                self._add_leaf(variable, task, leaf_owner)
+            elif task != _SHARED:
+                edges = [k for k, child in enumerate(children[node])
+                         if child is not None and owner.get(child) == _SHARED]
+                if edges:
+                    self.frontier.append((node, task, edges))
+        self._leaf_owner = leaf_owner
+        self._flows: list[tuple[int, Tensor]] = []
+
+    def _add_leaf(self, leaf: Tensor, task: int, leaf_owner: dict[int, int]) -> None:
+        if id(leaf) not in leaf_owner:
+            self.leaves.append(leaf)
+            leaf_owner[id(leaf)] = task
+        elif leaf_owner[id(leaf)] != task:
+            leaf_owner[id(leaf)] = _SHARED
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        """Record each frontier node's outgoing gradient (as its sum) during a backward pass."""
+        flows = self._flows
+
+        def hook(task: int, edges: list[int]) -> Any:
+            def record(grad_inputs: Any, grad_outputs: Any) -> None:
+                for k in edges:
+                    grad = grad_inputs[k]
+                    if grad is not None:
+                        # At least float32: a float16 sum of finite values may overflow.
+                        flows.append((task, grad.sum(
+                            dtype=torch.promote_types(grad.dtype, torch.float32))))
+            return record
+
+        handles = [node.register_hook(hook(task, edges)) for node, task, edges in self.frontier]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def culprit(self, leaf: Tensor, names: dict[int, str]) -> NonFinite:
+        """What is wrong, for a non-finite gradient of ``leaf`` found after the pass."""
+        name = names.get(id(leaf), f"a task-specific parameter of shape {tuple(leaf.shape)}")
+        tasks = sorted({task for task, flow in self._flows if not bool(torch.isfinite(flow))})
+        owner = self._leaf_owner.get(id(leaf), _SHARED)
+        if not tasks and owner != _SHARED:
+            tasks = [owner]
+        if tasks:
+            return NonFinite(
+                f"the gradient of loss {tasks[0]} with respect to {name} contains NaN or "
+                f"infinity (tasks at fault: {tasks})")
+        return NonFinite(
+            f"the gradient of the weighted sum of the losses with respect to {name} contains "
+            "NaN or infinity, although the gradient each task sends into the part they share "
+            "is finite: it arises in the shared part (every task's gradient may hold it)")
