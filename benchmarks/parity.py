@@ -28,6 +28,7 @@ from deconflict.methods.excess_mtl import ExcessMTL
 from deconflict.methods.fairgrad import relative_residual
 from deconflict.methods.krum import krum_scores
 from deconflict.methods.modo import MoDo
+from deconflict.methods.pcd import PCD
 from deconflict.methods.sdmgrad import SDMGrad
 
 
@@ -156,10 +157,26 @@ def stateful() -> None:
         print(f"excess_mtl n_warmup_steps={warmup} (20 steps): {diff:.1e}")
 
 
+def pcd() -> None:
+    for tau in (0.0, 0.02, 0.3, 0.9):
+        rng = np.random.default_rng(int(tau * 100))
+        diff = 0.0
+        for _ in range(25):
+            T = int(rng.integers(2, 6))
+            n = int(rng.integers(T + 1, T + 5))
+            ours, theirs = PCD(tau=tau, beta=0.9), tja.PCD(tau=tau, beta=0.9)
+            scale = np.exp(rng.normal(size=(T, 1)))
+            for _ in range(8):  # the moving average of the norms carries over the steps
+                J = rng.normal(size=(T, n)) * scale
+                c = ours.weights(J @ J.T).numpy()
+                diff = max(diff, relative(J.T @ c, theirs(torch.from_numpy(J)).numpy()))
+        print(f"pcd tau={tau} (25 sequences of 8 steps): {diff:.1e}")
+
+
 def main() -> None:
     warnings.simplefilter("ignore")
     print("largest relative difference from TorchJD 0.18 (update or weights)")
-    for part in (fairgrad, config, krum, trimmed_mean, cr_mogm, scalarizations, stateful):
+    for part in (fairgrad, config, krum, trimmed_mean, cr_mogm, scalarizations, stateful, pcd):
         part()
 
 

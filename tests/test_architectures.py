@@ -373,3 +373,201 @@ def test_branched_experts_in_representation_mode(model, census_data):
     result = problem.train(lambda: deconflict.MGDA(), config, 0, torch.device("cpu"))
     assert result.statistics["measured_steps"] > 0
     assert all(0.0 <= v <= 1.0 for v in result.metrics["test"].values())
+
+
+# ------------------------------------------------------------------------ digits (issue 16)
+# The architectures on the flattened 10 x 10 canvas of the digits problem, each task's tower
+# replaced by the conv model's head: a linear classifier (left) and the MLP decoder to the 64
+# pixels of the lower-right digit (right). Defaults: hidden [64, 32], 4 experts of [32, 16],
+# 1 task expert, 2 levels, k = 2.
+DIGIT_MODELS = ("shared_bottom", "mmoe", "dselect_k", "cgc", "ple", "cross_stitch")
+PIXELS, DIGIT_HIDDEN, DIGIT_EXPERT = 100, [64, 32], [32, 16]
+
+
+def digit_heads_count(width: int) -> int:
+    return linear(width, 10) + linear(width, 128) + linear(128, 64)
+
+
+def digit_counts(model: str) -> tuple[int, int]:
+    """(shared, total) parameters by formula, T = 2 tasks."""
+    expert = mlp_count([PIXELS, *DIGIT_EXPERT])
+    if model in ("shared_bottom", "cross_stitch"):
+        trunk = mlp_count([PIXELS, *DIGIT_HIDDEN])
+        if model == "shared_bottom":
+            return trunk, trunk + digit_heads_count(32)
+        shared = 2 * trunk + len(DIGIT_HIDDEN) * 2 * 2  # two towers, a 2 x 2 unit per layer
+        return shared, shared + digit_heads_count(32)
+    heads = digit_heads_count(16)
+    if model == "mmoe":
+        return 4 * expert, 4 * expert + 2 * linear(PIXELS, 4) + heads
+    if model == "dselect_k":  # 4 experts: 2 bits, k = 2 selectors
+        return 4 * expert, 4 * expert + 2 * (linear(PIXELS, 4) + linear(PIXELS, 2)) + heads
+    if model == "cgc":
+        return 4 * expert, 4 * expert + 2 * expert + 2 * linear(PIXELS, 5) + heads
+    # PLE, 2 levels: shared are level 0's experts (its task experts feed the shared gate) and
+    # shared gate, and level 1's shared experts; level 0's task gates feed only their task's
+    # level-1 experts, so they and level 1's task experts and gates are per task (Extraction).
+    level0 = 4 * expert + 2 * expert + linear(PIXELS, 2 * 1 + 4)
+    expert1 = mlp_count([16, *DIGIT_EXPERT])
+    task_gates0 = 2 * linear(PIXELS, 5)
+    level1 = 4 * expert1 + 2 * expert1 + 2 * linear(16, 5)
+    return level0 + 4 * expert1, level0 + task_gates0 + level1 + heads
+
+
+def digit_model(model: str, **overrides):
+    problem = get_problem("digits")
+    config = problem.resolve_config({"model": model, **overrides}, smoke=True)
+    data = problem.load(config)
+    torch.manual_seed(0)
+    return problem.build_model(config, problem.tasks(config), data), data
+
+
+def test_the_default_digits_records_keep_their_keys():
+    """The keys of the default and smoke digits configurations computed at HEAD cd3ed48, before
+    ``model`` and the architecture settings existed."""
+    from deconflict.experiments.runner import config_key
+
+    problem = get_problem("digits")
+    settings = problem.settings()
+    assert config_key(problem.resolve_config(), settings) == "555d90e21e"
+    assert config_key(problem.resolve_config(smoke=True), settings) == "ea58aa2574"
+    assert config_key(problem.resolve_config({"model": "conv"}), settings) == "555d90e21e"
+    assert config_key(problem.resolve_config({"model": "mmoe"}), settings) != "555d90e21e"
+    assert problem.resolve_config()["model"] == "conv"
+
+
+@pytest.mark.parametrize("name", DIGIT_MODELS)
+def test_digits_architectures_shapes_heads_and_parameter_counts(name):
+    model, data = digit_model(name)
+    assert data.train.inputs.shape[1:] == (PIXELS,)  # the canvas, flattened
+    x = data.train.inputs[:7]
+    _, outputs = model(x)
+    assert tuple(outputs["left"].shape) == (7, 10)
+    torch.testing.assert_close(outputs["left"].exp().sum(-1), torch.ones(7, dtype=x.dtype))
+    assert tuple(outputs["right"].shape) == (7, 64) == tuple(data.train.targets["right"][:7].shape)
+    assert bool(((outputs["right"] > 0) & (outputs["right"] < 1)).all())  # sigmoid pixels
+    shared, total = digit_counts(name)
+    assert numel(p for _, p in model.shared_parameters()) == shared
+    assert numel(model.parameters()) == total
+
+
+@pytest.mark.parametrize("name", DIGIT_MODELS)
+def test_digits_gradients_reach_every_expert_and_gate(name):
+    model, data = digit_model(name)
+    problem = get_problem("digits")
+    x, targets = data.train.inputs[:16], {t: v[:16] for t, v in data.train.targets.items()}
+    tasks = problem.tasks({})
+    shared = {f"shared.{n}" for n, _ in model.shared_parameters()}
+    per_task = []
+    for t in range(len(tasks)):
+        model.zero_grad(set_to_none=True)
+        problem.losses(model(x)[1], targets, tasks)[t].backward()
+        touched = {n for n, p in model.named_parameters()
+                   if p.grad is not None and p.grad.abs().sum() > 0}
+        per_task.append(touched)
+        assert shared <= touched, (tasks[t], sorted(shared - touched))
+    # Every parameter (each expert, gate, unit and head) gets a gradient from some task, and
+    # those outside the declared shared ones from exactly one.
+    assert set.union(*per_task) == {n for n, _ in model.named_parameters()}
+    assert set.intersection(*per_task) == shared
+    gates = [n for n, _ in model.named_parameters() if "gate" in n]
+    assert bool(gates) == (name not in ("shared_bottom", "cross_stitch"))
+
+
+@pytest.mark.parametrize("model", DIGIT_MODELS)
+def test_digits_smoke_run_through_the_cli(model, tmp_path):
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    assert main(["run", "digits", "--method", "gradops", "--smoke", "--quiet",
+                 "--out", str(out), "--set", f"model={model}"]) == 0
+    seconds = time.perf_counter() - started
+    (path,) = out.rglob("seed0-*.json")
+    record = json.loads(path.read_text())
+    assert record["config"]["model"] == model
+    assert set(record["metrics"]["test"]) == {"accuracy_left", "mse_right"}
+    statistics = record["statistics"]
+    assert statistics["shared_parameters"] == digit_counts(model)[0]
+    assert statistics["parameters"] == digit_counts(model)[1]
+    assert statistics["strong_non_conflict_fraction"] == 1.0  # GradOPS on the shared ones
+    assert seconds < 120  # a smoke run; typically a few seconds
+
+
+def test_digits_branching_and_representation_rules():
+    problem = get_problem("digits")
+    cpu = torch.device("cpu")
+    config = problem.resolve_config({"model": "ple", "branch": ["shared_experts.1.0.0"]},
+                                    smoke=True)
+    model = problem.model_for(config, problem.tasks(config), problem.load(config), 0)
+    assert isinstance(model.shared, BranchedModule)
+    result = problem.train(lambda: deconflict.GradOPS(), config, 0, cpu)
+    assert result.statistics["measured_steps"] > 0
+    for name in ("mmoe", "dselect_k", "shared_bottom"):
+        config = problem.resolve_config({"model": name, "representation": True}, smoke=True)
+        result = problem.train(lambda: deconflict.MGDA(), config, 0, cpu)
+        assert result.statistics["measured_steps"] > 0
+    for name in ("cgc", "ple", "cross_stitch"):
+        config = problem.resolve_config({"model": name, "representation": True}, smoke=True)
+        with pytest.raises(deconflict.InvalidOptionError, match="representation mode is not"):
+            problem.train(lambda: deconflict.GradOPS(), config, 0, cpu)
+        config["representation"] = False
+        with pytest.raises(deconflict.InvalidOptionError, match="mgda_ub works on the shared"):
+            problem.train(lambda: deconflict.MGDAUB(), config, 0, cpu)
+
+
+def test_recon_command_on_digits_cross_stitch(tmp_path):
+    out = tmp_path / "out"
+    assert main(["recon", "digits", "--method", "sum", "--S", "0", "--topk", "1",
+                 "--smoke", "--out", str(out), "--quiet", "--set", "model=cross_stitch"]) == 0
+    (scores,) = out.rglob("scores.json")
+    chosen = json.loads(scores.read_text())["branched"]
+    assert len(chosen) == 1
+    runs = [json.loads(p.read_text()) for p in (out / "digits" / "runs").rglob("*.json")]
+    branched = [r for r in runs if r["config"]["branch"] == chosen]
+    plain = [r for r in runs if not r["config"]["branch"]]
+    assert branched and plain
+    assert (branched[0]["statistics"]["shared_parameters"]
+            < plain[0]["statistics"]["shared_parameters"])
+
+
+@pytest.mark.parametrize("model", ["dselect_k", "ple"])
+def test_digits_architecture_killed_after_a_checkpoint_and_resumed_equals_uninterrupted(
+        model, tmp_path, monkeypatch):
+    # As tests/test_problem_contract.py does for the default model: RLW draws its weights from
+    # the global RNG, so a resume that did not restore the RNGs and the gates' state would differ.
+    from deconflict.experiments.problems import base
+
+    def run(out, *extra):
+        return main(["run", "digits", "--method", "rlw", "--smoke", "--quiet", "--out",
+                     str(out), "--set", f"model={model}", "--set", "epochs=2", *extra])
+
+    def record(out):
+        (path,) = out.rglob("seed0-*.json")
+        result = json.loads(path.read_text())
+        result["statistics"].pop("train_seconds", None)
+        return result
+
+    assert run(tmp_path / "reference") == 0
+    reference = record(tmp_path / "reference")
+    stop_after = max(1, reference["statistics"]["steps"] // 2)
+    real_save, saves = base.save_torch, []
+
+    class KilledError(Exception):
+        pass
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saves.append(state["step"])
+        if len(saves) == stop_after:
+            raise KilledError
+
+    monkeypatch.setattr(base, "save_torch", save_then_die)
+    killed = tmp_path / "killed"
+    with pytest.raises(KilledError):
+        run(killed, "--checkpoint-every", "1")
+    monkeypatch.setattr(base, "save_torch", real_save)
+    assert saves == list(range(1, stop_after + 1)) and list(killed.rglob("*.ckpt"))
+    assert run(killed, "--checkpoint-every", "1", "--resume") == 0
+    resumed = record(killed)
+    assert resumed["config"]["model"] == model
+    assert resumed["metrics"] == reference["metrics"]
+    assert resumed["statistics"] == reference["statistics"]

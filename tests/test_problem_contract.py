@@ -146,7 +146,7 @@ def test_typed_messages_by_hand():
     with pytest.raises(deconflict.InvalidOptionError, match=r"lr=0 is out of range: .* > 0"):
         digits.resolve_config({"lr": 0})
     with pytest.raises(deconflict.InvalidOptionError, match="has no setting 'epoch'; its "
-                       "settings are: batch_size, branch, data, ddp, epochs"):
+                       "settings are: batch_size, branch, data, ddp, dropout, epochs"):
         digits.resolve_config({"epoch": "3"})
     config = digits.resolve_config({"branch": "latent.1,latent.3", "representation": "yes",
                                     "pairs_per_image": "0.5", "data": "none"})

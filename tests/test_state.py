@@ -35,6 +35,8 @@ STATEFUL = [
     ("rlw", {"seed": 5}),
     ("cr_mogm", {"base": "tensioner"}),  # a stateful base: its state is nested in the method's
     ("cr_mogm", {}),
+    ("pcd", {}),
+    ("pcd", {"tau": 0.5, "beta": 0.5}),
     ("moco", {}),
     ("modo", {}),
     ("sdmgrad", {}),

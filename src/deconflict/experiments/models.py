@@ -459,3 +459,42 @@ class TwoDigitModel(MultiTaskModel):
         streams = self.task_streams(z, len(self.heads))
         return z, {task: head(h) for (task, head), h in zip(self.heads.items(), streams,
                                                             strict=True)}
+
+
+def digit_head(kind: str, inputs: int, outputs: int) -> nn.Sequential:
+    """``TwoDigitModel``'s head for one task: a linear classifier to log-probabilities
+    (``kind="classify"``) or an MLP decoder ``inputs -> 128 -> outputs`` to sigmoid pixels
+    (``"reconstruct"``).
+
+    >>> import torch
+    >>> digit_head("classify", 5, 10)(torch.randn(2, 5)).exp().sum(-1).round().tolist()
+    [1.0, 1.0]
+    >>> head = digit_head("reconstruct", 5, 64)
+    >>> sum(p.numel() for p in head.parameters())   # 5*128 + 128 + 128*64 + 64
+    9024
+    """
+    if kind == "classify":
+        return nn.Sequential(nn.Linear(inputs, outputs), nn.LogSoftmax(dim=-1))
+    if kind == "reconstruct":
+        return nn.Sequential(nn.Linear(inputs, 128), nn.ReLU(), nn.Linear(128, outputs),
+                             nn.Sigmoid())
+    raise ValueError(f"digit_head: kind must be classify or reconstruct, got {kind!r}")
+
+
+def replace_task_heads(model: MultiTaskModel, heads: Mapping[str, nn.Module]) -> MultiTaskModel:
+    """Put ``heads[t]`` in place of task t's tower (``MMoE``, ``DSelectK``) or head (the other
+    architectures), in place; returns ``model``. The towers and heads are task-specific, so the
+    shared parameters and what the trunk computes are unchanged.
+
+    >>> import torch
+    >>> model = replace_task_heads(MMoE(6, 2, [4], {"a": 3}), {"a": digit_head("classify", 4, 3)})
+    >>> tuple(model(torch.randn(5, 6))[1]["a"].shape)
+    (5, 3)
+    """
+    slot = getattr(model, "towers" if isinstance(model, MMoE) else "heads", None)
+    if not isinstance(slot, nn.ModuleDict) or set(slot) != set(heads):
+        raise ValueError(f"replace_task_heads: {type(model).__name__} has no task heads for "
+                         f"{list(heads)}")
+    for task, head in heads.items():
+        slot[task] = head
+    return model

@@ -39,6 +39,7 @@ from .moco import MoCo
 from .modo import MoDo
 from .nash_mtl import NashMTL
 from .pbi import PBI
+from .pcd import PCD
 from .pcgrad import PCGrad
 from .registry import available, get, method_class, register
 from .rlw import RLW
@@ -62,6 +63,7 @@ __all__ = [
     "MGDA",
     "MGDAUB",
     "PBI",
+    "PCD",
     "RLW",
     "SILS",
     "STCH",

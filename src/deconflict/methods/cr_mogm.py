@@ -40,7 +40,7 @@ from .state import StateField
 # CAGrad-Fast (see the module docstring); tests/test_new_methods.py checks it against the registry.
 BASES = ("mgda", "aligned_mtl", "cagrad", "cagrad_log", "config", "dualproj", "fairgrad",
          "gradops", "gradops_static", "imtl_g", "imtl_g_log", "krum", "log_losses", "mgda_log",
-         "modo", "nash_mtl", "pcgrad", "sdmgrad", "tensioner", "upgrad")
+         "modo", "nash_mtl", "pcd", "pcgrad", "sdmgrad", "tensioner", "upgrad")
 
 
 @register

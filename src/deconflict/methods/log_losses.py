@@ -50,8 +50,8 @@ from .state import Custom, StateField
 # the representation-mode ones and CAGrad-Fast (see the module docstring); tests check it
 # against the registry.
 BASES = ("mgda", "aligned_mtl", "cagrad", "config", "cr_mogm", "dualproj", "fairgrad",
-         "gradops", "gradops_static", "imtl_g", "krum", "modo", "nash_mtl", "pcgrad", "sdmgrad",
-         "tensioner", "upgrad")
+         "gradops", "gradops_static", "imtl_g", "krum", "modo", "nash_mtl", "pcd", "pcgrad",
+         "sdmgrad", "tensioner", "upgrad")
 
 
 def inverse_losses(name: str, losses: np.ndarray | None) -> np.ndarray:

@@ -9,6 +9,19 @@ shared encoder to a 50-dimensional latent, a classifier or an MLP decoder per ta
 10 x 10 canvas), no files needed. ``multi-mnist``: MNIST from the standard idx files (28 x 28 on a
 32 x 32 canvas resized to 28 x 28, as in the paper). The digit images are split first
 (deterministically) and pairs are drawn within each split, so no test digit is seen in training.
+
+``model`` (default ``conv``, the paper's model above) also takes the multi-task architectures of
+``experiments.models``, as on census-income: ``shared_bottom`` (an MLP trunk, ``hidden``),
+``mmoe`` and ``dselect_k`` (``experts`` MLP experts of shape ``expert_hidden``; ``k``,
+``gamma``), ``cgc`` and ``ple`` (``experts`` shared and ``task_experts`` per-task experts per
+level, ``levels``) and ``cross_stitch`` (one ``hidden``-shaped tower per task). They read the
+flattened canvas (100 pixels for ``digits``, 784 for ``multi-mnist``): MLP experts suffice for
+8 x 8 digits (the conv encoder's locality matters little at that size), and each task keeps
+the conv model's head (``models.digit_head``: a linear classifier to log-probabilities, or the
+MLP decoder to the 64 sigmoid pixels of the lower-right digit) in place of its tower. The
+architecture settings are ``neutral``: at their defaults (sized for 2 CPU cores, not from the
+papers) earlier records keep their keys. Representation mode applies to conv, shared_bottom,
+mmoe and dselect_k only (CGC, PLE and cross-stitch have no representation every task reads).
 """
 
 from __future__ import annotations
@@ -21,8 +34,19 @@ import torch
 from torch import Tensor
 
 from ...errors import InvalidOptionError
+from ...methods.base import Method
 from ..data.two_digits import TwoDigits, compose
-from ..models import TwoDigitModel
+from ..models import (
+    CGC,
+    PLE,
+    CrossStitch,
+    DSelectK,
+    MMoE,
+    SharedBottom,
+    TwoDigitModel,
+    digit_head,
+    replace_task_heads,
+)
 from .base import (
     DATA,
     REPRESENTATION,
@@ -37,8 +61,11 @@ from .base import (
     lr_setting,
     predict,
 )
+from .census import MODELS as ARCHITECTURES
+from .census import WITHOUT_REPRESENTATION
 from .settings import Setting
 
+MODELS = ("conv", *ARCHITECTURES)
 VARIANTS = ("classify_reconstruct", "classify_both")
 SPLIT_SEED = 0
 
@@ -62,9 +89,66 @@ def _schema(epochs: int, batch_size: int, pairs: float, smoke_pairs: float
                 smoke_pairs, low=0.0, open_low=True),
         Setting("variant", "str", VARIANTS[0], "reconstruct the lower-right digit or classify "
                 "it too", choices=VARIANTS),
+        # Added with the architectures: neutral and without smoke values (a smoke value would
+        # differ from the default and change the smoke records' keys); the defaults are small.
+        Setting("model", "str", "conv", "the paper's conv encoder, or a multi-task architecture "
+                "on the flattened canvas (see experiments.models)", choices=MODELS,
+                neutral=True),
+        Setting("hidden", "ints", [64, 32], "units of shared_bottom's trunk and of each "
+                "cross_stitch tower", low=1, neutral=True),
+        Setting("experts", "int", 4, "experts of mmoe and dselect_k; shared experts per level "
+                "of cgc and ple", low=1, neutral=True),
+        Setting("expert_hidden", "ints", [32, 16], "units of each expert's layers", low=1,
+                neutral=True),
+        Setting("task_experts", "int", 1, "task-specific experts per task and level (cgc, ple)",
+                low=1, neutral=True),
+        Setting("levels", "int", 2, "extraction levels of ple", low=1, neutral=True),
+        Setting("k", "int", 2, "experts each dselect_k gate selects at most", low=1,
+                neutral=True),
+        Setting("gamma", "float", 1.0, "width of dselect_k's smooth-step band", low=0.0,
+                open_low=True, neutral=True),
+        Setting("dropout", "float", 0.0, "dropout probability of the architectures' MLPs",
+                low=0.0, high=1.0, open_high=True, neutral=True),
         REPRESENTATION,
         DATA,
     )
+
+
+def _architecture(config: Mapping[str, Any], inputs: int, kinds: Mapping[str, tuple[str, int]]
+                  ) -> MultiTaskModel:
+    """``config["model"]`` on ``inputs`` flattened pixels, each task's tower or head replaced by
+    its ``digit_head``."""
+    model, dropout = config["model"], config["dropout"]
+    # Raw outputs of the right count first; the digit heads then take their place.
+    outputs = {t: n for t, (_, n) in kinds.items()}
+    net: MultiTaskModel
+    if model == "shared_bottom":
+        net, width = SharedBottom(inputs, config["hidden"], outputs, dropout), config["hidden"][-1]
+    elif model == "cross_stitch":
+        net, width = CrossStitch(inputs, config["hidden"], outputs, dropout), config["hidden"][-1]
+    else:
+        width = config["expert_hidden"][-1]
+        if model == "mmoe":
+            net = MMoE(inputs, config["experts"], config["expert_hidden"], outputs, dropout)
+        elif model == "dselect_k":
+            net = DSelectK(inputs, config["experts"], config["expert_hidden"], outputs, dropout,
+                           k=config["k"], gamma=config["gamma"])
+        elif model == "cgc":
+            net = CGC(inputs, outputs, config["experts"], config["task_experts"],
+                      config["expert_hidden"], dropout)
+        elif model == "ple":
+            net = PLE(inputs, outputs, config["experts"], config["task_experts"],
+                      config["expert_hidden"], config["levels"], dropout)
+        else:
+            raise InvalidOptionError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+    return replace_task_heads(net, {t: digit_head(kind, width, n)
+                                    for t, (kind, n) in kinds.items()})
+
+
+def _no_representation(name: str, model: str) -> str:
+    return (f"{name}: {model} has no shared representation that every task reads (each task "
+            "reads its own output of the trunk), so representation mode is not supported with "
+            "it; use conv, shared_bottom, mmoe or dselect_k, or representation=False")
 
 
 class TwoDigitProblem(SupervisedProblem):
@@ -88,13 +172,17 @@ class TwoDigitProblem(SupervisedProblem):
     def load(self, config: Mapping[str, Any]) -> Data:
         if config["variant"] not in VARIANTS:
             raise InvalidOptionError(f"{self.name}: variant must be one of {list(VARIANTS)}")
+        flat = config.get("model", "conv") != "conv"
         splits, note = self._images(config)
         datasets = []
         for k, name in enumerate(("train", "validation", "test")):
             images, labels = splits[name]
             count = int(len(images) * config["pairs_per_image"])
             samples = compose(images, labels, count, self.canvas, SPLIT_SEED + k, self.resize)
-            datasets.append(_dataset(samples, config["variant"]))
+            dataset = _dataset(samples, config["variant"])
+            if flat:  # the architectures' MLPs read the canvas as one vector
+                dataset = Dataset(dataset.inputs.flatten(1), dataset.targets)
+            datasets.append(dataset)
         train, validation, test = datasets
         return Data(train, validation, test, note=note)
 
@@ -106,7 +194,20 @@ class TwoDigitProblem(SupervisedProblem):
             kinds["right"] = ("reconstruct", data.train.targets["right"].shape[1])
         else:
             kinds["right"] = ("classify", 10)
-        return TwoDigitModel(size, config["latent"], {t: kinds[t] for t in tasks})
+        chosen = {t: kinds[t] for t in tasks}
+        model = config.get("model", "conv")
+        if model == "conv":
+            return TwoDigitModel(size, config["latent"], chosen)
+        if model in WITHOUT_REPRESENTATION and config.get("representation"):
+            raise InvalidOptionError(_no_representation(self.name, model))
+        return _architecture(config, size, chosen)
+
+    def adjust_method(self, method: Method, config: Mapping[str, Any]) -> Method:
+        # The engine's own error would not say why a representation method cannot work here.
+        if config.get("model") in WITHOUT_REPRESENTATION and method.needs_features:
+            raise InvalidOptionError(f"{method.name} works on the shared representation; "
+                                     f"{_no_representation(self.name, config['model'])}")
+        return method
 
     def losses(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor],
                tasks: Sequence[str]) -> list[Tensor]:
