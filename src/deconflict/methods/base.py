@@ -194,6 +194,18 @@ class Method(ABC):
             setattr(self, option.key, option.validate(self.name, values[option.name]))
         self.reset()
 
+    # ---------------------------------------------------------------------------- weights
+    def weights(self, gramian: Any = None, *, losses: Any = None, **context: Any) -> Tensor:
+        """Task weights c (T,) float64 (the update is J^T c; for loss weighting, the gradient
+        of sum_i c_i L_i): ``weights_with_diagnostics`` without the diagnostics."""
+        return self.weights_with_diagnostics(gramian, losses=losses, **context)[0]
+
+    @abstractmethod
+    def weights_with_diagnostics(
+        self, gramian: Any = None, *, losses: Any = None, **context: Any
+    ) -> tuple[Tensor, Diagnostics]:
+        """Task weights and a dict of method-specific diagnostics (documented per method)."""
+
     # --------------------------------------------------------- weights, for the subclasses
     def _inputs(
         self, gramian: Any, losses: Any, extra: dict[str, Any]
@@ -283,12 +295,8 @@ class GramianWeighting(Method):
     def inputs(self) -> str:
         return "Gramian"
 
-    def weights(self, gramian: Any, *, losses: Any = None, **context: Any) -> Tensor:
-        """Task weights c (T,) float64 such that the update is J^T c."""
-        return self.weights_with_diagnostics(gramian, losses=losses, **context)[0]
-
     def weights_with_diagnostics(
-        self, gramian: Any, *, losses: Any = None, **context: Any
+        self, gramian: Any = None, *, losses: Any = None, **context: Any
     ) -> tuple[Tensor, Diagnostics]:
         """Task weights and a dict of method-specific diagnostics (documented per method)."""
         M, ctx, device = self._inputs(gramian, losses, context)
@@ -341,12 +349,8 @@ class BlockWeighting(Method):
     ) -> tuple[np.ndarray, Diagnostics]:
         """Weights (K, T) from the K group Gramians (K, T, T)."""
 
-    def weights(self, gramian: Any, *, losses: Any = None, **context: Any) -> Tensor:
-        """The weights (T,) of one group whose Gramian is ``gramian``."""
-        return self.weights_with_diagnostics(gramian, losses=losses, **context)[0]
-
     def weights_with_diagnostics(
-        self, gramian: Any, *, losses: Any = None, **context: Any
+        self, gramian: Any = None, *, losses: Any = None, **context: Any
     ) -> tuple[Tensor, Diagnostics]:
         """One group's weights, and ``block_weights``' diagnostics for that group."""
         M, ctx, device = self._inputs(gramian, losses, context)
@@ -375,18 +379,14 @@ class JacobianAggregator(Method):
     ) -> tuple[list[Tensor], Diagnostics]:
         """The update of each block (T x d_k -> d_k)."""
 
-    def weights(self, gramian: Any = None, *, losses: Any = None, **context: Any) -> Tensor:
+    def weights_with_diagnostics(
+        self, gramian: Any = None, *, losses: Any = None, **context: Any
+    ) -> tuple[Tensor, Diagnostics]:
         """Refused: the update is not J^T c for weights that a Gramian determines."""
         raise InvalidOptionError(
             f"{self.name} needs the task gradients themselves, not a Gramian: use "
             "deconflict.aggregate(J, method) or deconflict.backward"
         )
-
-    def weights_with_diagnostics(
-        self, gramian: Any = None, *, losses: Any = None, **context: Any
-    ) -> tuple[Tensor, Diagnostics]:
-        """Refused, as ``weights``."""
-        return self.weights(gramian, losses=losses, **context), {}
 
 
 class LossWeighting(Method):
@@ -415,10 +415,6 @@ class LossWeighting(Method):
         if weights is None:
             return super().head_coefficients(weights, losses)
         return np.asarray(weights, dtype=np.float64)
-
-    def weights(self, gramian: Any = None, *, losses: Any = None, **context: Any) -> Tensor:
-        """Loss weights c (T,) float64: the update is the gradient of sum_i c_i L_i."""
-        return self.weights_with_diagnostics(gramian, losses=losses, **context)[0]
 
     def weights_with_diagnostics(
         self, gramian: Any = None, *, losses: Any = None, **context: Any
