@@ -2,7 +2,7 @@
 #   make demo   - the 2-D toy problem with every core method (plot + table in deconflict-demo/)
 #   make test   - ruff, mypy and the whole test suite (what CI runs)
 #   make docs   - the API reference, built offline from the docstrings (build/api-html)
-#   make bench  - the benchmarks of docs/performance.md and docs/distributed.md (about 40 minutes)
+#   make bench  - the benchmarks of docs/performance.md and docs/distributed.md (about 80 minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -36,6 +36,8 @@ bench: $(VENV)/.installed-test
 	cd benchmarks && ../$(BIN)/python step.py
 	cd benchmarks && ../$(BIN)/python memory.py
 	cd benchmarks && ../$(BIN)/python many_tasks.py
+# gpu.py: the CUDA checks and the GPU step benchmark where there is a GPU; status 2 means none.
+	cd benchmarks && { ../$(BIN)/python gpu.py || test $$? -eq 2; }
 	cd benchmarks && ../$(BIN)/python non_finite.py --repeats 5
 	cd benchmarks && ../$(BIN)/python distributed.py
 

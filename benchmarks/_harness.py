@@ -90,6 +90,15 @@ def machine() -> dict[str, Any]:
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
+def banner() -> str:
+    """One line naming the machine a table was measured on (printed before the table)."""
+    info = machine()
+    load = info["load_average"]
+    return (f"machine: {info['cpu']}, {info['cores']} cores, torch {info['versions']['torch']} "
+            f"with {info['torch_threads']} threads, torchjd {info['versions']['torchjd']}"
+            + ("" if load is None else f", load average {load[0]:.1f} (other jobs)"))
+
+
 def save(name: str, args: argparse.Namespace, rows: list[dict[str, Any]],
          extra: dict[str, Any] | None = None) -> Path:
     path = args.out or RESULTS / f"{name}.json"

@@ -9,10 +9,14 @@ J^T c), so about 2 is the floor.
     .venv/bin/python benchmarks/aggregation.py --quick    # d = 1e4, 1e5 only
     .venv/bin/python benchmarks/aggregation.py --tasks 10 --dims 1e7 --libraries deconflict \
         --repeats 21                                      # one size, more rounds
+    .venv/bin/python benchmarks/aggregation.py --solvers 40 --threads 1 --cpu-time  # T x T solves
+    .venv/bin/python benchmarks/aggregation.py --threads 1 --cpu-time --libraries deconflict \
+        TorchJD --dims 1e3 1e5                            # per-call cost on a loaded machine
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +74,67 @@ def candidates_for(
     return runs, missing
 
 
+def _cpu_timed(run: Callable[[], Any]) -> Callable[[], float]:
+    """``run`` reporting the CPU time of this thread it took (``compare(self_timed=True)``):
+    on a machine shared with other processes, time spent waiting for a core is not counted.
+    Calls that take under 1 ms are repeated to get above the clock's resolution."""
+    def timed() -> float:
+        start = time.thread_time()
+        run()
+        once = time.thread_time() - start
+        if once >= 1e-3:
+            return once
+        count = max(1, int(2e-3 / max(once, 1e-6)))
+        start = time.thread_time()
+        for _ in range(count):
+            run()
+        return (time.thread_time() - start) / count
+    return timed
+
+
+def solver_gramians(T: int) -> dict[str, torch.Tensor]:
+    """Gramians of four kinds of T x 4000 Jacobians (seeded): independent Gaussian rows, rows
+    near one shared direction (near-collinear), rank 8 (T > rank: every min-norm solver's
+    degenerate case), and norms spread over 1e6."""
+    g = torch.Generator().manual_seed(T)
+    base = torch.randn(4000, generator=g, dtype=torch.float64)
+    kinds = {
+        "random": torch.randn(T, 4000, generator=g, dtype=torch.float64),
+        "collinear": base + 0.05 * torch.randn(T, 4000, generator=g, dtype=torch.float64),
+        "rank 8": torch.randn(T, 8, generator=g, dtype=torch.float64)
+        @ torch.randn(8, 4000, generator=g, dtype=torch.float64),
+        "norms 1e6 apart": torch.randn(T, 4000, generator=g, dtype=torch.float64)
+        * torch.logspace(0, 6, T, dtype=torch.float64)[:, None],
+    }
+    return {kind: J @ J.T for kind, J in kinds.items()}
+
+
+def solver_rows(T: int, repeats: int, warmup: int, cpu_time: bool = False
+                ) -> list[dict[str, Any]]:
+    """The weights of every Gramian weighting from a given T x T Gramian, in ms (the T x T
+    solve alone: what a step adds on top of the two passes over J)."""
+    from deconflict.methods.base import GramianWeighting
+    from deconflict.methods.registry import available
+
+    gramians = solver_gramians(T)
+    losses = torch.ones(T)
+    runs: dict[str, Callable[[], Any]] = {}
+    for name in available():
+        if not isinstance(deconflict.get(name), GramianWeighting):
+            continue
+        for kind, M in gramians.items():
+            method = deconflict.get(name)
+            runs[f"{name}|{kind}"] = lambda m=method, G=M: m.weights(G, losses=losses)
+    if cpu_time:
+        runs = {key: _cpu_timed(run) for key, run in runs.items()}
+    medians = compare(runs, repeats, warmup, self_timed=cpu_time)
+    rows: dict[str, dict[str, Any]] = {}
+    for key, seconds in medians.items():
+        name, kind = key.split("|")
+        rows.setdefault(name, {"T": T, "method": name})[kind] = seconds * 1e3
+    return list(rows.values())
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, nargs="+", default=[3, 10], help="T values (3 10)")
@@ -77,8 +142,21 @@ def main() -> None:
                    help="d values (default 1e5 1e6 1e7; --quick: 1e4 1e5)")
     p.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES),
                    help="libraries to compare (default all)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time each call by the CPU time of this thread, not the wall clock "
+                        "(robust on a loaded machine; needs --threads 1)")
+    p.add_argument("--solvers", type=int, default=None, metavar="T",
+                   help="instead: the T x T solve of every Gramian weighting at this T (ms)")
     args = p.parse_args()
+    if args.cpu_time and args.threads != 1:
+        p.error("--cpu-time measures this thread only: pass --threads 1")
     setup(args)
+    if args.solvers is not None:
+        solved = solver_rows(args.solvers, args.repeats, args.warmup, args.cpu_time)
+        kinds = list(solver_gramians(2))
+        print(table(solved, [("method", "method"), *[(k, f"{k} (ms)") for k in kinds]]))
+        print(f"written: {save('aggregation_solvers', args, solved)}")
+        return
     if args.dims is not None:
         sizes = [int(d) for d in args.dims]
     else:
@@ -93,7 +171,9 @@ def main() -> None:
             # LibMTL takes seconds per call at d = 1e7: fewer rounds keep the run bounded.
             slow = "LibMTL" in args.libraries and d >= 10_000_000
             repeats = max(3, args.repeats // 2) if slow else args.repeats
-            medians = compare(runs, repeats, args.warmup)
+            if args.cpu_time:
+                runs = {name: _cpu_timed(run) for name, run in runs.items()}
+            medians = compare(runs, repeats, args.warmup, self_timed=args.cpu_time)
             base = medians["one pass"]
             for label, *_ in METHODS:
                 row: dict[str, Any] = {"T": T, "d": d, "method": label,

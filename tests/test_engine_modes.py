@@ -229,26 +229,34 @@ def test_gramian_mode_rejects_methods_that_need_more_than_the_gramian():
             deconflict.backward(losses, trunk, method, mode="gramian", retain_graph=True)
 
 
-def test_gramian_mode_detects_a_tied_weight_used_by_a_head():
+def test_gramian_mode_falls_back_for_a_tied_weight_used_by_a_head():
+    """The shared weight read outside its layer: that module's per-task gradients are taken
+    directly (the fallback), the rest of the trunk keeps its rules; M is still J J^T."""
     trunk, _, tokens, targets = build()
-    deconflict.track(trunk)
+    tracker = deconflict.track(trunk)
     z = trunk(tokens)
     losses = [(z.sum(dim=1) - t).pow(2).mean() for t in targets]
     losses[0] = losses[0] + trunk.shared.weight.sum()  # the shared weight used outside its layer
-    with pytest.raises(InvalidOptionError, match=r"shared\.weight is used outside"):
-        deconflict.backward(losses, trunk, "upgrad", mode="gramian")
+    J = manual_jacobian(losses, list(trunk.parameters()))
+    record = deconflict.backward(losses, trunk, "upgrad", mode="gramian")
+    assert tracker.rules["shared"] == "fallback"
+    assert tracker.rules["embed"] == "embedding"
+    torch.testing.assert_close(record.gramian, J @ J.T, rtol=1e-12, atol=1e-14)
 
 
-def test_gramian_mode_refuses_a_recurrent_generic_layer():
+def test_gramian_mode_is_exact_for_a_recurrent_generic_layer():
+    """A LayerNorm applied to its own output: the Jacobian rule differentiates its parameters
+    directly, so both uses are counted once."""
     torch.manual_seed(0)
-    norm = nn.LayerNorm(4)
+    norm = nn.LayerNorm(4).double()
     trunk = nn.ModuleDict({"norm": norm})
     deconflict.track(trunk)
-    x = torch.randn(5, 4)
+    x = torch.randn(5, 4, dtype=torch.float64)
     z = norm(torch.tanh(norm(x)))
-    losses = [z[:, 0].mean(), z[:, 1].mean()]
-    with pytest.raises(InvalidOptionError, match="applied to a result of its own parameters"):
-        deconflict.backward(losses, trunk, "upgrad", mode="gramian")
+    losses = [z[:, 0].mean(), (z[:, 1] ** 2).mean()]
+    J = manual_jacobian(losses, list(trunk.parameters()))
+    record = deconflict.backward(losses, trunk, "upgrad", mode="gramian")
+    torch.testing.assert_close(record.gramian, J @ J.T, rtol=1e-12, atol=1e-14)
 
 
 def test_gramian_mode_refuses_an_input_modified_in_place():

@@ -53,7 +53,9 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 17])
+# 1, 2, 5, 6, 9, 10, 13, 17 rows: a last group of 1 or 2 tasks (the narrow tiles), with and
+# without full groups before it; 3, 4: padded and full tiles.
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 9, 10, 13, 17])
 @pytest.mark.parametrize("columns", [1, 7, 300, SPAN + 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gramian_is_float64_accurate(backend, rows, columns, dtype):
@@ -135,7 +137,8 @@ def test_strided_rows_and_columns():
 
 
 def test_results_do_not_depend_on_the_number_of_threads():
-    J = torch.randn(10, 3 * SPAN + 11)
+    # Above the size where the kernels go parallel (``_PARALLEL_ELEMENTS``).
+    J = torch.randn(10, max(3 * SPAN + 11, kernels._PARALLEL_ELEMENTS // 10 + 5))
     c = torch.randn(10, dtype=torch.float64)
     results = []
     previous = torch.get_num_threads()
@@ -182,3 +185,58 @@ def test_fuzzed_blocks_match_numpy(rows, columns, seed, scale):
     allowed = (2 * gamma(rows) * (c.abs() @ J.double().abs())
                + float(torch.finfo(torch.float32).eps) * exact.abs())
     assert bool(((out.double() - exact).abs() <= allowed).all())
+
+
+@given(rows=st.integers(1, 12), columns=st.integers(0, 2000), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_the_matrix_entry_points_match_the_general_ones(rows, columns, seed, dtype):
+    """``matrix_gramian`` / ``matrix_combine`` (the lean path of ``aggregate``) give exactly
+    the results of ``gramian_into`` / ``combine_into`` on separate rows: the same kernels, in
+    the same order of operations."""
+    generator = torch.Generator().manual_seed(seed)
+    J = torch.randn(rows, columns, generator=generator, dtype=dtype)
+    array = kernels.compiled_matrix(J)
+    assert array is not None
+    M = torch.zeros(rows, rows, dtype=torch.float64)
+    kernels.gramian_into(list(J.unbind(0)), M)
+    assert np.array_equal(kernels.matrix_gramian(array), M.numpy())
+    c = torch.randn(rows, generator=generator, dtype=torch.float64)
+    expected = torch.empty(columns, dtype=dtype)
+    kernels.combine_into(list(J.unbind(0)), c, expected, accumulate=False)
+    out = np.empty(columns, dtype=array.dtype)
+    kernels.matrix_combine(array, c.numpy(), out)
+    assert np.array_equal(out, expected.numpy())
+
+
+def test_compiled_matrix_refuses_what_the_kernels_cannot_read():
+    assert kernels.compiled_matrix(torch.randn(5, 3).T) is None  # column stride 5
+    assert kernels.compiled_matrix(torch.randn(3, 4, dtype=torch.float16)) is None
+    assert kernels.compiled_matrix(torch.randn(0, 4)) is None
+    assert kernels.compiled_matrix(torch.randn(4)) is None
+
+
+def test_the_lean_path_of_aggregate_equals_the_general_one():
+    """``aggregate`` on a whole Jacobian takes ``update.matrix_update``; with ``block_sizes``
+    it takes ``compute_update``. Both must give the same update, bit for bit, for every method
+    that weighs by the Gramian (a fresh instance each: some keep state)."""
+    import deconflict
+    from deconflict.methods.registry import available
+    from deconflict.update import weighs_by_gramian
+
+    generator = torch.Generator().manual_seed(0)
+    J = torch.randn(4, 300, generator=generator)
+    J[1] = -0.5 * J[0] + 0.1 * J[1]  # a conflict, so the projections have work to do
+    losses = torch.rand(4, generator=generator) + 0.5
+    checked = 0
+    for name in available():
+        # A fixed seed for the methods that sample (the same draws on both paths).
+        seeded = {"seed": 0} if "seed" in deconflict.get(name).options() else {}
+        method = deconflict.get(name, **seeded)
+        if not weighs_by_gramian(method):
+            continue
+        lean = deconflict.aggregate(J, method, losses=losses)
+        general = deconflict.aggregate(J, deconflict.get(name, **seeded), losses=losses,
+                                       block_sizes=[J.shape[1]])
+        assert torch.equal(lean, general), name
+        checked += 1
+    assert checked >= 20

@@ -170,3 +170,51 @@ def test_a_failed_loss_weighting_step_does_not_advance_the_weights(name):
     torch.manual_seed(5)
     second = run_step(reference, trunk, heads, {})
     assert torch.equal(first.weights, second.weights)
+
+
+def _labels_by_reachability(roots):
+    """Each node's owner by brute force: the task whose graph alone reaches it, or -1."""
+    from deconflict import graph
+
+    reached: dict = {}
+    for task, root in enumerate(roots):
+        for node in graph.nodes([root.grad_fn]):
+            reached.setdefault(node, set()).add(task)
+    return {node: next(iter(tasks)) if len(tasks) == 1 else -1
+            for node, tasks in reached.items()}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_task_labels_match_reachability_on_varied_graphs(seed):
+    """The two-walk labelling (``graph.TaskGraph``) against reachability, on graphs whose tasks
+    share different parts: a trunk, a second shared stage used by some tasks only, skips from a
+    head into the middle of the trunk. Built afresh each time: a new structure is labelled
+    from scratch, nothing carries over from the previous graph."""
+    from deconflict import graph
+
+    generator = torch.Generator().manual_seed(seed)
+    layers = [nn.Linear(5, 5) for _ in range(4)]
+    x = torch.randn(3, 5, generator=generator)
+    stages = [x]
+    for layer in layers:
+        stages.append(torch.tanh(layer(stages[-1])))
+    tasks = int(torch.randint(2, 6, (1,), generator=generator))
+    roots = []
+    for _ in range(tasks):
+        picks = torch.randint(1, len(stages), (2,), generator=generator).tolist()
+        head = nn.Linear(5, 1)
+        roots.append((head(stages[picks[0]]) * stages[picks[1]]).pow(2).mean())
+    labelled = graph.TaskGraph(roots)
+    owner = _labels_by_reachability(roots)
+    expected = set()
+    for node, task in owner.items():
+        if task == -1 or hasattr(node, "variable"):
+            continue
+        edges = [k for k, (child, _) in enumerate(node.next_functions)
+                 if child is not None and owner.get(child) == -1]
+        if edges:
+            expected.add((node, task, tuple(edges)))
+    assert {(node, task, tuple(edges)) for node, task, edges in labelled.frontier} == expected
+    leaves = {id(node.variable): task for node, task in owner.items() if hasattr(node, "variable")}
+    assert {id(leaf) for leaf in labelled.leaves} == set(leaves)
+    assert labelled._leaf_owner == leaves

@@ -54,6 +54,12 @@ def data(data_root, monkeypatch):
     return data_root
 
 
+def skip_without_extra(name: str) -> None:
+    """Skip a problem whose optional extra (``Problem.requires``) is not installed."""
+    for module in PROBLEMS[name].requires:
+        pytest.importorskip(module)
+
+
 def as_text(value: Any) -> str:
     """A value as a user types it after ``--set KEY=``."""
     if value is None:
@@ -197,6 +203,7 @@ def _record(out: Path) -> dict[str, Any]:
 @pytest.mark.parametrize("name", NAMES)
 def test_killed_after_a_checkpoint_and_resumed_equals_uninterrupted(name, data, tmp_path,
                                                                     monkeypatch, capsys):
+    skip_without_extra(name)
     problem = PROBLEMS[name]
     every = ["--checkpoint-every", "1"]
     if not problem.checkpointable:
@@ -255,6 +262,7 @@ def expected_steps(name: str, config: dict[str, Any]) -> int:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_run_shows_a_bar_over_its_steps_under_the_runs_bar(name, data, tmp_path, capsys):
+    skip_without_extra(name)
     arguments = ["run", name, "--method", "mean", "--smoke", "--out", str(tmp_path),
                  *SHORT.get(name, [])]
     assert main(arguments) == 0

@@ -11,7 +11,7 @@ from torch import Tensor
 from .finite import NonFinite
 from .methods.base import Method
 from .resolve import resolve_method
-from .update import compute_update, split_columns
+from .update import compute_update, matrix_update, split_columns
 
 
 def aggregate(
@@ -36,6 +36,12 @@ def aggregate(
     True
     """
     resolved = resolve_method(method)
+    if block_sizes is None and isinstance(jacobian, Tensor):
+        whole = matrix_update(resolved, jacobian, losses)  # the lean path, where it applies
+        if isinstance(whole, NonFinite):
+            raise whole.error()
+        if whole is not None:
+            return whole
     blocks, names = split_columns(jacobian, block_sizes)
     update = compute_update(resolved, blocks, names, names, losses=losses)
     if isinstance(update, NonFinite):

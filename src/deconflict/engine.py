@@ -31,9 +31,10 @@ Modes (``mode=``):
 - "sequential": one backward pass per task, keeping the graph; the T x d Jacobian in memory.
 - "batched": the T backward passes vectorized (``is_grads_batched``), ``chunk_size`` tasks at a
   time (None: all); faster on wide layers, same memory (more with large chunks).
-- "gramian": never holds the Jacobian: M from per-layer pieces (``tracking``; the trunk must be
-  tracked with ``deconflict.track(trunk)`` before the forward pass), then one backward pass of
-  sum_i c_i L_i. For methods that need only M.
+- "gramian": M from per-layer rules (``tracking``, ``layer_gramians``; the trunk must be
+  tracked with ``deconflict.track(trunk)`` before the forward pass): one backward pass per task
+  stopped at the tracked layers, and J^T c written from what the rules kept, without a second
+  pass through the trunk. For methods that need only M.
 - "auto" (default): "gramian" when the trunk is tracked (``deconflict.tracker_of(trunk)``) and
   the method needs only M, otherwise "sequential".
 - ``features=``: representation mode (gradients w.r.t. the shared features, one trunk backward;
@@ -123,7 +124,8 @@ def backward(
         method: a Method instance, or the name of a stateless one.
         mode: how the per-task gradients are computed: "sequential", "batched", "gramian" or
             "auto" (see the module docstring).
-        chunk_size: tasks differentiated together in "batched" and "gramian" modes (None: all).
+        chunk_size: tasks differentiated together in "batched" and "gramian" modes (None: all in
+            "batched", one at a time in "gramian", which measured faster there).
         features: representation mode (MGDA-UB style, ``docs/methods.md#representation-mode``):
             the shared representation Z (or several). The method combines the task gradients
             with respect to Z, and the combination is backpropagated once through the trunk into
@@ -413,7 +415,9 @@ class _TaskJacobian(_Source):
 
 
 class _TrackedGramian(_Source):
-    """Gramian-only mode: M from the tracked layers, then one backward pass of sum_i r_i L_i."""
+    """Gramian-only mode: M from the tracked layers (one backward pass of the rows, stopped at
+    the layers: ``tracking.tracked_gramian``), then J^T r written from what the layers' rules
+    kept (``layer_gramians``), with no second backward pass through the trunk."""
 
     def gradients(self) -> NonFinite | None:
         plan, step, tracker = self.plan, self.step, self.plan.tracker
@@ -421,31 +425,19 @@ class _TrackedGramian(_Source):
         leaves = graph.leaves(self.rows)
         self.heads = [leaf for leaf in leaves if id(leaf) not in step.shared_ids]
         self.reached = [p for _, p, _ in step.shared if any(leaf is p for leaf in leaves)]
-        outside = graph.leaves(self.rows,
-                               {edge.node for call in tracker.calls for edge in call.edges})
-        bypass = [name for name, p, _ in step.shared if any(leaf is p for leaf in outside)]
-        if bypass:
-            raise InvalidOptionError(
-                f"shared parameter {bypass[0]} is used outside the tracked layer calls (e.g. a "
-                "tied weight used by a head); mode='gramian' cannot see its per-task gradients: "
-                "use mode='sequential' or 'batched'")
         self.differentiated, self.A = _combined_rows(plan.method, self.rows)
         _check_connected(self.differentiated, step, combination=self.A is not None)
-        tracked = tracked_gramian(tracker, self.differentiated, step.shared, plan.chunk_size,
-                                  plan.scale.factor)
+        tracked = tracked_gramian(tracker, self.differentiated, step.shared, self.reached,
+                                  plan.chunk_size, plan.scale.factor)
         if isinstance(tracked, NonFinite):
             # The pieces of M are per layer: the task is found from its own gradient.
             names = [f"shared parameter {name}" for name, p, _ in step.shared
                      if any(p is q for q in self.reached)]
             return _culprit(self.rows, self.reached, names) or tracked
-        self.M, covered, self.by_layer = tracked
-        missing = [name for name, p, _ in step.shared if any(p is q for q in self.reached)
-                   and id(p) not in covered]
-        if missing:
-            raise InvalidOptionError(
-                f"shared parameter {missing[0]} is reached by the losses but not through a "
-                "recorded call of the module that owns it; use mode='sequential'")
-        self.head_pass = _Heads(plan, self.rows, self.values, self.heads, retain=True)
+        self.tracked = tracked
+        self.M, self.by_layer = tracked.M, tracked.by_layer
+        self.head_pass = _Heads(plan, self.rows, self.values, self.heads,
+                                retain=plan.retain_graph or not plan.heads_first)
         self.head_grads = self.head_pass.gradients(None) if plan.heads_first else None
         return self.head_grads if isinstance(self.head_grads, NonFinite) else None
 
@@ -462,15 +454,14 @@ class _TrackedGramian(_Source):
                       else self.head_pass.gradients(self.c))
         if isinstance(head_grads, NonFinite):
             return head_grads
-        combined = _weighted_sum(self.r.tolist(), self.differentiated)
-        shared_grads = torch.autograd.grad(combined, self.reached, allow_unused=True,
-                                           retain_graph=self.plan.retain_graph)
+        shared_grads = self.tracked.update(self.r)
+        self.tracked.release()
         bad = first_non_finite(shared_grads)
         if bad is not None:
             name = next(n for n, p, _ in self.step.shared if p is self.reached[bad])
             return NonFinite(
-                f"the gradient of shared parameter {name} in the combined backward pass "
-                "contains NaN or infinity, although every task's gradient is finite")
+                f"the gradient of shared parameter {name} in the combined update contains NaN "
+                "or infinity, although every task's gradient is finite")
         _accumulate(self.heads, head_grads)
         _accumulate(self.reached, shared_grads)
         M, r = self.M, self.r

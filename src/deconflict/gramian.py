@@ -58,6 +58,16 @@ def check_block(block: Rows) -> list[Tensor]:
     return [row.reshape(-1) for row in rows]
 
 
+def _kernel_rows(block: Rows) -> tuple[Rows, int, int, Tensor]:
+    """A checked block as the kernels take it (the 2-D tensor itself, or its rows: a
+    contiguous matrix goes to them whole), its numbers of rows and columns, and a row."""
+    if isinstance(block, Tensor):
+        matrix = _check_matrix(block)
+        return matrix, matrix.shape[0], matrix.shape[1], matrix[0]
+    rows = check_block(block)
+    return rows, len(rows), rows[0].numel(), rows[0]
+
+
 def gramian_of_blocks(blocks: Iterable[Rows]) -> Tensor:
     """M = sum_k J_k J_k^T in float64, for column blocks J_k (T x d_k) of one Jacobian.
 
@@ -72,12 +82,12 @@ def gramian_of_blocks(blocks: Iterable[Rows]) -> Tensor:
     """
     M: Tensor | None = None
     for block in blocks:
-        rows = check_block(block)
+        rows, count, _, first = _kernel_rows(block)
         if M is None:
-            M = torch.zeros(len(rows), len(rows), dtype=torch.float64, device=rows[0].device)
-        elif len(rows) != M.shape[0]:
+            M = torch.zeros(count, count, dtype=torch.float64, device=first.device)
+        elif count != M.shape[0]:
             raise ShapeError(
-                f"Jacobian blocks disagree on the number of tasks: {len(rows)} vs {M.shape[0]}"
+                f"Jacobian blocks disagree on the number of tasks: {count} vs {M.shape[0]}"
             )
         kernels.gramian_into(rows, M)
     if M is None:
@@ -116,15 +126,14 @@ def combine_block(
     >>> combine_block(J, torch.tensor([1.0, 0.5], dtype=torch.float64), grad)
     tensor([1.5000, 1.5000])
     """
-    rows = check_block(block)
-    if weights.shape != (len(rows),):
+    rows, count, width, first = _kernel_rows(block)
+    if weights.shape != (count,):
         raise ShapeError(
             f"weights of shape {tuple(weights.shape)} do not fit a Jacobian with "
-            f"{len(rows)} rows"
+            f"{count} rows"
         )
-    width = rows[0].numel()
     if out is None:
-        out = torch.empty(width, dtype=rows[0].dtype, device=rows[0].device)
+        out = torch.empty(width, dtype=first.dtype, device=first.device)
         accumulate = False
     elif out.numel() != width:
         raise ShapeError(f"out has {out.numel()} elements, the block {width} columns")

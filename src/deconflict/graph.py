@@ -96,17 +96,19 @@ def reaches(
 
 
 _SHARED = -1
+_WIDE = (torch.float32, torch.float64)
 
 
 class TaskGraph:
     """The losses' autograd graph, each node labelled with the one task that reaches it (or
     shared), to name the task at fault after a single backward pass of sum_i c_i L_i.
 
-    The labels take one walk (each node is visited at most twice: when a task first reaches it
-    and when a second one does). The "frontier" of task i are its own nodes with a shared input:
-    the gradient they send is task i's contribution c_i dL_i/dz to the shared part. During the
-    pass (``watching``), each frontier node's outgoing gradient is reduced to a sum, kept as a
-    tensor and read only if the pass produced a non-finite gradient.
+    The labels take one walk of the graph (each node's children are read once), and a second
+    one, over the children already read, below the nodes where two tasks meet. The "frontier"
+    of task i are its own nodes with a shared input: the gradient they send is task i's
+    contribution c_i dL_i/dz to the shared part. During the pass (``watching``), each frontier
+    node's outgoing gradient is reduced to a sum, kept as a tensor and read only if the pass
+    produced a non-finite gradient.
 
     >>> import torch
     >>> z = torch.ones(3, requires_grad=True) * 2           # shared
@@ -121,27 +123,31 @@ class TaskGraph:
         leaf_owner: dict[int, int] = {}
         self.leaves: list[Tensor] = []
         # The children of each node, read once: next_functions builds new tuples at every read.
-        children: dict[Node, list[Node]] = {}
+        children: dict[Node, list[Node | None]] = {}
+        # First each task's walk, down to the nodes an earlier task reached: those are shared
+        # and not entered again. Then everything below a shared node is shared (a second walk
+        # over the children already read, with no call into autograd).
+        meeting: list[Node] = []
         for task, root in enumerate(roots):
             if root.grad_fn is None and root.requires_grad:
                 self._add_leaf(root, task, leaf_owner)
-            pending = [] if root.grad_fn is None else [(root.grad_fn, False)]
+            pending = [] if root.grad_fn is None else [root.grad_fn]
             while pending:
-                node, shared = pending.pop()
+                node = pending.pop()
                 current = owner.get(node)
-                if shared or (current is not None and current != task):
-                    if current == _SHARED:
-                        continue
-                    owner[node] = _SHARED
-                    shared = True
-                elif current is None:
+                if current is None:
                     owner[node] = task
-                else:
-                    continue  # this task was here already
-                below = children.get(node)
-                if below is None:
                     below = children[node] = [child for child, _ in node.next_functions]
-                pending += [(child, shared) for child in below if child is not None]
+                    pending += [child for child in below if child is not None]
+                elif current != task and current != _SHARED:
+                    owner[node] = _SHARED
+                    meeting.append(node)
+        pending = [child for node in meeting for child in children[node] if child is not None]
+        while pending:
+            node = pending.pop()
+            if owner[node] != _SHARED:
+                owner[node] = _SHARED
+                pending += [child for child in children[node] if child is not None]
         # (node, task, the indices of its inputs that are shared)
         self.frontier: list[tuple[Node, int, list[int]]] = []
         for node, task in owner.items():
@@ -173,8 +179,9 @@ class TaskGraph:
                 for k in edges:
                     grad = grad_inputs[k]
                     if grad is not None:
-                        # At least float32: a float16 sum of finite values may overflow.
-                        flows.append((task, grad.sum(
+                        # At least float32: a float16 sum of finite values may overflow. (A
+                        # plain sum otherwise: the dtype argument alone costs a few us a call.)
+                        flows.append((task, grad.sum() if grad.dtype in _WIDE else grad.sum(
                             dtype=torch.promote_types(grad.dtype, torch.float32))))
             return record
 

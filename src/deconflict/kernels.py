@@ -2,20 +2,24 @@
 
 J is given by its rows, g_1 .. g_T: a T x n tensor, or T separate 1-D tensors of n elements (the
 per-task gradients as autograd returns them; stacking them would copy the Jacobian once more).
-Each pass reads the rows once and converts float32 to float64 in registers, so both results
+Each pass reads the rows once and converts float32 to float64 in the cache, so both results
 carry float64 accuracy (docs/methods.md#gramian) at about the cost of reading J: no
 float64 copy, no d-sized temporary. ``out`` may be a parameter's ``.grad`` itself.
 
 Two implementations:
 
-- "numba" (CPU rows of float32/float64 with unit stride): compiled loops. The Gramian is
-  computed in 4 x 4 tiles of task pairs over column chunks that stay in the L1/L2 cache: per
-  column, 8 loads feed 16 fused multiply-adds, so a tile runs at the speed of the arithmetic
-  while the rows are read from memory once. Columns are split into fixed spans whose partial
-  Gramians are summed in span order, so the result does not depend on the number of threads.
-  Threads come from a small pool (the kernels release the GIL), sized by
-  ``torch.get_num_threads()``. Rows are passed as a tuple padded to a power of two, so one
-  compiled kernel serves every T up to that size.
+- "numba" (CPU rows of float32/float64 with unit stride): compiled loops. Each chunk of
+  columns (sized to stay in the L1 cache) is converted to float64 once, into a buffer; the
+  Gramian is then computed in 4 x 4 tiles of task pairs over that buffer: per column, 8 float64
+  loads feed 16 fused multiply-adds. Only the upper triangle is computed (a diagonal tile needs
+  10 of its 16 products) and a last group of 1 or 2 tasks gets narrow tiles instead of padding:
+  at T = 10 that is the 55 products M needs per column instead of 96. Columns are split into
+  fixed spans whose partial Gramians are summed in span order, so the result does not depend
+  on the number of threads. Threads come from a small pool (the kernels release the GIL),
+  sized by ``torch.get_num_threads()``. A contiguous T x n block is passed as one 2-D array;
+  separate rows as a tuple padded to a power of two, so one compiled kernel serves every T up
+  to that size. The combination J^T c adds the rows four at a time into a float64
+  accumulator that stays in L1.
 - "torch" (any other device or dtype, or when numba is unavailable): float64 copies of column
   chunks, multiplied with ``torch.mm``. Correct everywhere; slower on the CPU because BLAS is
   poorly suited to T x T products with a long inner dimension.
@@ -30,6 +34,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,11 +55,14 @@ _TILE = 4
 # Columns per span (the unit of work and of the fixed summation order) and the cache budget of
 # one chunk of T rows.
 _SPAN = 1 << 15
-_CHUNK_BYTES = 1 << 17
+_CHUNK_BYTES = 1 << 15
 # Below this many elements, threads cost more than they save.
 _PARALLEL_ELEMENTS = 1 << 20
 # Columns per unit of work of the combination (a multiple of any cache line).
 _COMBINE_UNIT = 4096
+# Columns per chunk of the combination: its float64 accumulator (16 KiB) stays in L1.
+_COMBINE_CHUNK = 2048
+_COMPILED_DTYPES = (torch.float32, torch.float64)
 
 
 def row_list(rows: Rows) -> list[Tensor]:
@@ -69,6 +77,10 @@ def row_list(rows: Rows) -> list[Tensor]:
     return [row.reshape(-1) for row in rows]
 
 
+def _torch_forced() -> bool:
+    return numba is None or os.environ.get("DECONFLICT_KERNELS", "").lower() == "torch"
+
+
 def backend(tensors: Rows) -> str:
     """The implementation used for these rows: "numba" or "torch".
 
@@ -77,7 +89,7 @@ def backend(tensors: Rows) -> str:
     'torch'
     """
     rows = [tensors] if isinstance(tensors, Tensor) else list(tensors)
-    if numba is None or os.environ.get("DECONFLICT_KERNELS", "").lower() == "torch":
+    if _torch_forced():
         return "torch"
     first = rows[0]
     for row in rows:
@@ -91,29 +103,62 @@ def backend(tensors: Rows) -> str:
 if numba is not None:
 
     @numba.njit(nogil=True, fastmath=_FLAGS, cache=True, inline="always")
-    def _tile(xs, x_rows, p, ys, y_rows, q, start, stop, out):  # pragma: no cover - compiled
-        # out[a, b] += sum_k X_{x_rows[4p + a]}[k] Y_{y_rows[4q + b]}[k], columns start:stop.
-        o = 4 * p
-        x0 = xs[x_rows[o]][start:stop]
-        x1 = xs[x_rows[o + 1]][start:stop]
-        x2 = xs[x_rows[o + 2]][start:stop]
-        x3 = xs[x_rows[o + 3]][start:stop]
-        o = 4 * q
-        y0 = ys[y_rows[o]][start:stop]
-        y1 = ys[y_rows[o + 1]][start:stop]
-        y2 = ys[y_rows[o + 2]][start:stop]
-        y3 = ys[y_rows[o + 3]][start:stop]
+    def _triangle_tile(buf, o, width, out):  # pragma: no cover - compiled
+        # out[a, b] += sum_k B_{o+a}[k] B_{o+b}[k] for a <= b < 4: a diagonal tile of X X^T
+        # needs 10 of its 16 products.
+        x0 = buf[o]
+        x1 = buf[o + 1]
+        x2 = buf[o + 2]
+        x3 = buf[o + 3]
+        a00 = a01 = a02 = a03 = a11 = a12 = a13 = a22 = a23 = a33 = 0.0
+        for k in range(width):
+            u0 = x0[k]
+            u1 = x1[k]
+            u2 = x2[k]
+            u3 = x3[k]
+            a00 += u0 * u0
+            a01 += u0 * u1
+            a02 += u0 * u2
+            a03 += u0 * u3
+            a11 += u1 * u1
+            a12 += u1 * u2
+            a13 += u1 * u3
+            a22 += u2 * u2
+            a23 += u2 * u3
+            a33 += u3 * u3
+        out[0, 0] += a00
+        out[0, 1] += a01
+        out[0, 2] += a02
+        out[0, 3] += a03
+        out[1, 1] += a11
+        out[1, 2] += a12
+        out[1, 3] += a13
+        out[2, 2] += a22
+        out[2, 3] += a23
+        out[3, 3] += a33
+
+    @numba.njit(nogil=True, fastmath=_FLAGS, cache=True, inline="always")
+    def _square_tile(buf, o, r, width, out):  # pragma: no cover - compiled
+        # out[a, b] += sum_k B_{o+a}[k] B_{r+b}[k] for a, b < 4: 8 loads feed 16 multiply-adds.
+        x0 = buf[o]
+        x1 = buf[o + 1]
+        x2 = buf[o + 2]
+        x3 = buf[o + 3]
+        y0 = buf[r]
+        y1 = buf[r + 1]
+        y2 = buf[r + 2]
+        y3 = buf[r + 3]
         a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = 0.0
         a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = 0.0
-        for k in range(stop - start):
-            u0 = np.float64(x0[k])
-            u1 = np.float64(x1[k])
-            u2 = np.float64(x2[k])
-            u3 = np.float64(x3[k])
-            v0 = np.float64(y0[k])
-            v1 = np.float64(y1[k])
-            v2 = np.float64(y2[k])
-            v3 = np.float64(y3[k])
+        for k in range(width):
+            u0 = x0[k]
+            u1 = x1[k]
+            u2 = x2[k]
+            u3 = x3[k]
+            v0 = y0[k]
+            v1 = y1[k]
+            v2 = y2[k]
+            v3 = y3[k]
             a00 += u0 * v0
             a01 += u0 * v1
             a02 += u0 * v2
@@ -147,37 +192,190 @@ if numba is not None:
         out[3, 2] += a32
         out[3, 3] += a33
 
+    @numba.njit(nogil=True, fastmath=_FLAGS, cache=True, inline="always")
+    def _narrow_tile(buf, o, r, count, width, out):  # pragma: no cover - compiled
+        # out[a, b] += sum_k B_{o+a}[k] B_{r+b}[k] for a < 4, b < count (1 or 2): the last,
+        # partial group of rows against a full one, without products of padding.
+        x0 = buf[o]
+        x1 = buf[o + 1]
+        x2 = buf[o + 2]
+        x3 = buf[o + 3]
+        y0 = buf[r]
+        if count == 1:
+            a00 = a10 = a20 = a30 = 0.0
+            for k in range(width):
+                v0 = y0[k]
+                a00 += x0[k] * v0
+                a10 += x1[k] * v0
+                a20 += x2[k] * v0
+                a30 += x3[k] * v0
+            out[0, 0] += a00
+            out[1, 0] += a10
+            out[2, 0] += a20
+            out[3, 0] += a30
+            return
+        y1 = buf[r + 1]
+        a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = 0.0
+        for k in range(width):
+            u0 = x0[k]
+            u1 = x1[k]
+            u2 = x2[k]
+            u3 = x3[k]
+            v0 = y0[k]
+            v1 = y1[k]
+            a00 += u0 * v0
+            a01 += u0 * v1
+            a10 += u1 * v0
+            a11 += u1 * v1
+            a20 += u2 * v0
+            a21 += u2 * v1
+            a30 += u3 * v0
+            a31 += u3 * v1
+        out[0, 0] += a00
+        out[0, 1] += a01
+        out[1, 0] += a10
+        out[1, 1] += a11
+        out[2, 0] += a20
+        out[2, 1] += a21
+        out[3, 0] += a30
+        out[3, 1] += a31
+
+    @numba.njit(nogil=True, fastmath=_FLAGS, cache=True, inline="always")
+    def _small_triangle(buf, o, count, width, out):  # pragma: no cover - compiled
+        # The upper triangle of the last group's own products, for 1 or 2 rows.
+        x0 = buf[o]
+        if count == 1:
+            a00 = 0.0
+            for k in range(width):
+                a00 += x0[k] * x0[k]
+            out[0, 0] += a00
+            return
+        x1 = buf[o + 1]
+        a00 = a01 = a11 = 0.0
+        for k in range(width):
+            u0 = x0[k]
+            u1 = x1[k]
+            a00 += u0 * u0
+            a01 += u0 * u1
+            a11 += u1 * u1
+        out[0, 0] += a00
+        out[0, 1] += a01
+        out[1, 1] += a11
+
     @numba.njit(nogil=True, fastmath=_FLAGS, cache=True)
-    def _product_spans(xs, x_rows, ys, y_rows, symmetric, columns, first, last, chunk,
+    def _product_spans(xs, x_count, ys, y_count, symmetric, columns, first, last, chunk,
                        partial):  # pragma: no cover - compiled
-        # partial[s, p, q] (4 x 4) = tile (p, q) of span s's X Y^T, spans first:last; only the
-        # tiles p <= q when X Y^T is symmetric (X = Y).
+        # partial[s, p, q] (4 x 4) = tile (p, q) of span s's X Y^T, spans first:last (only
+        # p <= q, and the upper triangle of p = q, when X Y^T is symmetric: X = Y).
+        # Each chunk of columns is converted to float64 once, into a buffer that stays in the
+        # cache (rows padded with zeros to whole tiles); the tiles then read float64 only.
+        x_tiles = partial.shape[1]
+        y_offset = 0 if symmetric else _TILE * x_tiles
+        rows = y_offset + _TILE * partial.shape[2]
+        # A last group of 1 or 2 rows gets kernels of its own (of 3, padding costs little).
+        leftover = x_count % _TILE
+        last_group = x_count // _TILE if symmetric and 0 < leftover < 3 else -1
+        buf = np.zeros((rows, chunk))
         for s in range(first, last):
             span_start = s * _SPAN
             span_stop = min(columns, span_start + _SPAN)
             for start in range(span_start, span_stop, chunk):
                 stop = min(span_stop, start + chunk)
-                for p in range(partial.shape[1]):
-                    for q in range(p if symmetric else 0, partial.shape[2]):
-                        _tile(xs, x_rows, p, ys, y_rows, q, start, stop, partial[s, p, q])
+                width = stop - start
+                for i in range(x_count):
+                    source = xs[i][start:stop]
+                    target = buf[i]
+                    for k in range(width):
+                        target[k] = source[k]
+                if not symmetric:
+                    for i in range(y_count):
+                        source = ys[i][start:stop]
+                        target = buf[y_offset + i]
+                        for k in range(width):
+                            target[k] = source[k]
+                for p in range(x_tiles):
+                    if symmetric:
+                        if p == last_group:
+                            _small_triangle(buf, _TILE * p, leftover, width, partial[s, p, p])
+                            continue
+                        _triangle_tile(buf, _TILE * p, width, partial[s, p, p])
+                        for q in range(p + 1, x_tiles):
+                            if q == last_group:
+                                _narrow_tile(buf, _TILE * p, _TILE * q, leftover, width,
+                                             partial[s, p, q])
+                            else:
+                                _square_tile(buf, _TILE * p, _TILE * q, width,
+                                             partial[s, p, q])
+                    else:
+                        for q in range(partial.shape[2]):
+                            _square_tile(buf, _TILE * p, y_offset + _TILE * q, width,
+                                         partial[s, p, q])
+
+    @numba.njit(nogil=True, cache=True)
+    def _add_spans(partial, x_count, y_count, symmetric, out):  # pragma: no cover - compiled
+        # out += the sum of the spans' tiles, in span order (so the result does not depend on
+        # how the spans were split among threads); symmetric: from the upper triangle.
+        for i in range(x_count):
+            for j in range(i if symmetric else 0, y_count):
+                total = 0.0
+                for s in range(partial.shape[0]):
+                    total += partial[s, i // _TILE, j // _TILE, i % _TILE, j % _TILE]
+                out[i, j] += total
+                if symmetric and j != i:
+                    out[j, i] += total
+
+    @numba.njit(nogil=True, cache=True)
+    def _products_serial(xs, x_count, ys, y_count, symmetric, columns, chunk, partial,
+                         out):  # pragma: no cover - compiled
+        # Every span on this thread, then the sum into out: one call for a small product.
+        _product_spans(xs, x_count, ys, y_count, symmetric, columns, 0, partial.shape[0], chunk,
+                       partial)
+        _add_spans(partial, x_count, y_count, symmetric, out)
 
     @numba.njit(nogil=True, fastmath=_FLAGS, cache=True)
     def _combine_range(xs, count, weights, out, first, last, chunk,
                        accumulate):  # pragma: no cover - compiled
         # out[first:last] (+)= sum_{i < count} weights[i] X_i[first:last], summed in float64.
-        acc = np.empty(chunk)
+        # Rows go in groups of four, so the float64 accumulator is read and written once per
+        # four rows.
+        acc = np.empty(min(chunk, last - first))
         for start in range(first, last, chunk):
             stop = min(last, start + chunk)
             width = stop - start
-            row = xs[0][start:stop]
-            c = weights[0]
-            for k in range(width):
-                acc[k] = c * np.float64(row[k])
-            for i in range(1, count):
-                row = xs[i][start:stop]
-                c = weights[i]
+            done = 0
+            if count >= 4:
+                r0 = xs[0][start:stop]
+                r1 = xs[1][start:stop]
+                r2 = xs[2][start:stop]
+                r3 = xs[3][start:stop]
+                c0, c1, c2, c3 = weights[0], weights[1], weights[2], weights[3]
                 for k in range(width):
-                    acc[k] += c * np.float64(row[k])
+                    acc[k] = (c0 * np.float64(r0[k]) + c1 * np.float64(r1[k])
+                              + c2 * np.float64(r2[k]) + c3 * np.float64(r3[k]))
+                done = 4
+            else:
+                r0 = xs[0][start:stop]
+                c0 = weights[0]
+                for k in range(width):
+                    acc[k] = c0 * np.float64(r0[k])
+                done = 1
+            while done + 4 <= count:
+                r0 = xs[done][start:stop]
+                r1 = xs[done + 1][start:stop]
+                r2 = xs[done + 2][start:stop]
+                r3 = xs[done + 3][start:stop]
+                c0, c1 = weights[done], weights[done + 1]
+                c2, c3 = weights[done + 2], weights[done + 3]
+                for k in range(width):
+                    acc[k] += (c0 * np.float64(r0[k]) + c1 * np.float64(r1[k])
+                               + c2 * np.float64(r2[k]) + c3 * np.float64(r3[k]))
+                done += 4
+            while done < count:
+                r0 = xs[done][start:stop]
+                c0 = weights[done]
+                for k in range(width):
+                    acc[k] += c0 * np.float64(r0[k])
+                done += 1
             target = out[start:stop]
             if accumulate:
                 for k in range(width):
@@ -193,10 +391,17 @@ _pool_owner: tuple[int, int] | None = None
 _pool_lock = threading.Lock()
 
 
+def _threads(count: int, elements: int) -> int:
+    """Threads for ``count`` units of work over ``elements`` elements (1: stay on this one)."""
+    if elements < _PARALLEL_ELEMENTS:
+        return 1
+    return min(torch.get_num_threads(), count)
+
+
 def _run(work: Callable[[int, int], None], count: int, elements: int) -> None:
     """Call ``work(first, last)`` over a partition of range(count), on several threads if large."""
-    threads = min(torch.get_num_threads(), count)
-    if threads <= 1 or elements < _PARALLEL_ELEMENTS:
+    threads = _threads(count, elements)
+    if threads <= 1:
         work(0, count)
         return
     global _pool, _pool_owner
@@ -212,29 +417,50 @@ def _run(work: Callable[[int, int], None], count: int, elements: int) -> None:
         future.result()
 
 
-def _arrays(rows: list[Tensor]) -> tuple[np.ndarray, ...]:
-    """The rows as NumPy views, padded with the last one to a power of two (at least 4).
+def _compiled_input(rows: Rows) -> tuple[Any, int, int] | None:
+    """The rows as the compiled kernels take them, with their count and length, or None when
+    the torch implementation must run (``backend``; rows without unit stride).
 
-    One compiled kernel per padded length serves every T up to it; padded rows are read only
-    by tiles whose results are dropped.
+    A C-contiguous T x n tensor goes as one 2-D array; separate rows as a tuple of 1-D arrays
+    (NumPy views, no copy), padded with the last one to a power of two (at least 4), so one
+    compiled kernel per padded length serves every T up to it (the padding is never read).
     """
-    arrays = [row.detach().numpy() for row in rows]
+    if isinstance(rows, Tensor):
+        if rows.ndim != 2:
+            raise ValueError(f"a block of rows must be 2-D, got shape {tuple(rows.shape)}")
+        if rows.shape[0] == 0:
+            raise ValueError("no rows")
+        if (_torch_forced() or rows.device.type != "cpu"
+                or rows.dtype not in _COMPILED_DTYPES or rows.is_conj() or rows.is_neg()):
+            return None
+        if rows.is_contiguous():
+            return rows.detach().numpy(), rows.shape[0], rows.shape[1]
+        listed = list(rows.unbind(0))
+    else:
+        listed = [row.reshape(-1) for row in rows]
+        if not listed:
+            raise ValueError("no rows")
+    width = listed[0].numel()
+    first = listed[0]
+    for row in listed:
+        if row.numel() != width:
+            raise ValueError(f"rows of different lengths: {sorted({r.numel() for r in listed})}")
+    if _torch_forced():
+        return None
+    for row in listed:
+        if (row.device.type != "cpu" or row.dtype != first.dtype
+                or first.dtype not in _COMPILED_DTYPES or row.is_conj() or row.is_neg()
+                or (row.stride(0) != 1 and width > 1)):
+            return None
+    arrays = [row.detach().numpy() for row in listed]
     size = max(_TILE, 1 << (len(arrays) - 1).bit_length())
-    return tuple(arrays + [arrays[-1]] * (size - len(arrays)))
+    return tuple(arrays + [arrays[-1]] * (size - len(arrays))), len(arrays), width
 
 
-def _tile_rows(count: int) -> np.ndarray:
-    tiles = -(-count // _TILE)
-    return np.minimum(np.arange(tiles * _TILE), count - 1).astype(np.int64)
-
-
-def _chunk(rows: int, itemsize: int) -> int:
-    return int(max(256, min(_SPAN, _CHUNK_BYTES // (rows * itemsize) // 64 * 64)))
-
-
-def _numba_ready(rows: list[Tensor]) -> bool:
-    return backend(rows) == "numba" and all(row.stride(0) == 1 or row.numel() <= 1
-                                            for row in rows)
+def _chunk(rows: int, columns: int) -> int:
+    """Columns per chunk: the float64 buffer of ``rows`` rows stays in the cache."""
+    chunk = max(256, min(_SPAN, _CHUNK_BYTES // (rows * 8) // 64 * 64))
+    return int(min(chunk, max(columns, 1)))
 
 
 def _checked_rows(rows: Rows) -> list[Tensor]:
@@ -260,13 +486,15 @@ def gramian_into(rows: Rows, out: Tensor) -> None:
     tensor([[ 1., -1.],
             [-1.,  2.]], dtype=torch.float64)
     """
-    listed = _checked_rows(rows)
-    if listed[0].numel() == 0:
+    compiled = _compiled_input(rows)
+    if compiled is None or out.device.type != "cpu":
+        listed = _checked_rows(rows)
+        if listed[0].numel():
+            _torch_products_into(listed, listed, out, symmetric=True)
         return
-    if not _numba_ready(listed) or out.device.type != "cpu":
-        _torch_products_into(listed, listed, out, symmetric=True)
-        return
-    out += torch.from_numpy(_products(listed, listed, symmetric=True))
+    xs, count, columns = compiled
+    if columns:
+        _products_into(xs, count, xs, count, columns, out, symmetric=True)
 
 
 def cross_into(left: Rows, right: Rows, out: Tensor) -> None:
@@ -278,38 +506,88 @@ def cross_into(left: Rows, right: Rows, out: Tensor) -> None:
     >>> out
     tensor([[1., 2.]], dtype=torch.float64)
     """
-    a, b = _checked_rows(left), _checked_rows(right)
-    if a[0].numel() != b[0].numel():
-        raise ValueError(f"rows of {a[0].numel()} and {b[0].numel()} elements")
-    if a[0].numel() == 0:
+    a, b = _compiled_input(left), _compiled_input(right)
+    if a is None or b is None or a[0].dtype != b[0].dtype or out.device.type != "cpu":
+        la, lb = _checked_rows(left), _checked_rows(right)
+        if la[0].numel() != lb[0].numel():
+            raise ValueError(f"rows of {la[0].numel()} and {lb[0].numel()} elements")
+        if la[0].numel():
+            _torch_products_into(la, lb, out, symmetric=False)
         return
-    if not (_numba_ready(a) and _numba_ready(b) and a[0].dtype == b[0].dtype
-            and out.device.type == "cpu"):
-        _torch_products_into(a, b, out, symmetric=False)
-        return
-    out += torch.from_numpy(_products(a, b, symmetric=False))
+    if a[2] != b[2]:
+        raise ValueError(f"rows of {a[2]} and {b[2]} elements")
+    if a[2]:
+        _products_into(a[0], a[1], b[0], b[1], a[2], out, symmetric=False)
 
 
-def _products(left: list[Tensor], right: list[Tensor], *, symmetric: bool) -> np.ndarray:
-    """X Y^T in float64 by the tiled kernel; X = Y when ``symmetric``."""
-    columns = left[0].numel()
-    xs = _arrays(left)
-    ys = xs if symmetric else _arrays(right)
-    x_rows, y_rows = _tile_rows(len(left)), _tile_rows(len(right))
-    spans = -(-columns // _SPAN)
-    partial = np.zeros((spans, len(x_rows) // _TILE, len(y_rows) // _TILE, _TILE, _TILE))
-    chunk = _chunk(len(left) + (0 if symmetric else len(right)), left[0].element_size())
+def matrix_gramian(rows: np.ndarray) -> np.ndarray:
+    """J J^T (float64) of a C-contiguous float32/float64 T x n array, with no checks: the
+    lean path of ``aggregate`` (the caller has checked the array; ``compiled_matrix``).
+
+    >>> import numpy as np
+    >>> matrix_gramian(np.array([[1.0, 0.0], [-1.0, 1.0]], dtype=np.float32))
+    array([[ 1., -1.],
+           [-1.,  2.]])
+    """
+    count, columns = rows.shape
+    out = np.zeros((count, count))
+    if columns:
+        _products_into(rows, count, rows, count, columns, out, symmetric=True)
+    return out
+
+
+def matrix_combine(rows: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
+    """out = J^T c for a C-contiguous T x n array (float64 sums, rounded once into the
+    contiguous ``out`` of n elements), with no checks: the lean path of ``aggregate``."""
+    count, columns = rows.shape
+    units = -(-columns // _COMBINE_UNIT)
+    if _threads(units, count * columns) <= 1:
+        _combine_range(rows, count, weights, out, 0, columns, _COMBINE_CHUNK, False)
+        return
 
     def work(first: int, last: int) -> None:
-        _product_spans(xs, x_rows, ys, y_rows, symmetric, columns, first, last, chunk, partial)
+        _combine_range(rows, count, weights, out, first * _COMBINE_UNIT,
+                       min(columns, last * _COMBINE_UNIT), _COMBINE_CHUNK, False)
 
-    _run(work, spans, (len(left) + len(right)) * columns)
-    tiles = partial.sum(axis=0)  # spans in order: independent of the number of threads
-    full = tiles.transpose(0, 2, 1, 3).reshape(len(x_rows), len(y_rows))
-    full = full[:len(left), :len(right)]
-    if symmetric:
-        full = np.triu(full) + np.triu(full, 1).T
-    return full
+    _run(work, units, count * columns)
+
+
+def compiled_matrix(jacobian: Tensor) -> np.ndarray | None:
+    """A 2-D tensor as the array ``matrix_gramian`` and ``matrix_combine`` take (a view), or
+    None if the compiled kernels cannot read it as it is."""
+    if (jacobian.ndim != 2 or jacobian.shape[0] == 0 or jacobian.device.type != "cpu"
+            or jacobian.dtype not in _COMPILED_DTYPES or not jacobian.is_contiguous()
+            or jacobian.is_neg() or _torch_forced()):
+        return None
+    return jacobian.detach().numpy()
+
+
+def _products_into(xs: Any, x_count: int, ys: Any, y_count: int, columns: int,
+                   out: Tensor | np.ndarray, *, symmetric: bool) -> None:
+    """out += X Y^T in float64 by the tiled kernel; X = Y when ``symmetric``."""
+    spans = -(-columns // _SPAN)
+    x_tiles = -(-x_count // _TILE)
+    y_tiles = x_tiles if symmetric else -(-y_count // _TILE)
+    partial = np.zeros((spans, x_tiles, y_tiles, _TILE, _TILE))
+    chunk = _chunk(_TILE * (x_tiles + (0 if symmetric else y_tiles)), columns)
+    if isinstance(out, np.ndarray):
+        direct, target = True, out
+    else:
+        direct = out.dtype == torch.float64 and out.is_contiguous()
+        target = out.detach().numpy() if direct else np.zeros((x_count, y_count))
+    elements = (x_count + (0 if symmetric else y_count)) * columns
+    if _threads(spans, elements) <= 1:
+        _products_serial(xs, x_count, ys, y_count, symmetric, columns, chunk, partial, target)
+    else:
+        def work(first: int, last: int) -> None:
+            _product_spans(xs, x_count, ys, y_count, symmetric, columns, first, last, chunk,
+                           partial)
+
+        _run(work, spans, elements)
+        _add_spans(partial, x_count, y_count, symmetric, target)
+    if not direct:
+        assert isinstance(out, Tensor)
+        out += torch.from_numpy(target)
 
 
 def _torch_products_into(left: list[Tensor], right: list[Tensor], out: Tensor, *,
@@ -338,26 +616,36 @@ def combine_into(rows: Rows, weights: Tensor, out: Tensor, *, accumulate: bool) 
     >>> grad
     tensor([1.5000, 1.5000])
     """
-    listed = _checked_rows(rows)
-    columns = listed[0].numel()
+    compiled = _compiled_input(rows)
     flat_out = out.view(-1)
+    if compiled is None or not (out.device.type == "cpu" and out.dtype in _COMPILED_DTYPES
+                                and out.is_contiguous()):
+        listed = _checked_rows(rows)
+        if listed[0].numel():
+            c = weights.detach().to(device="cpu", dtype=torch.float64)
+            _torch_combine_into(listed, c, flat_out, accumulate)
+        return
+    xs, count, columns = compiled
+    if flat_out.numel() != columns:
+        raise ValueError(f"out has {flat_out.numel()} elements, the rows {columns}")
     if columns == 0:
         return
-    c = weights.detach().to(device="cpu", dtype=torch.float64).contiguous()
-    if not (_numba_ready(listed) and backend([out]) == "numba" and out.is_contiguous()):
-        _torch_combine_into(listed, c, flat_out, accumulate)
-        return
-    xs = _arrays(listed)
-    target = flat_out.numpy()
+    c = weights.detach()
+    if c.dtype != torch.float64 or c.device.type != "cpu" or not c.is_contiguous():
+        c = c.to(device="cpu", dtype=torch.float64).contiguous()
+    target = flat_out.detach().numpy()
     weights_np = c.numpy()
-    chunk = _chunk(1, 8) // 8  # the float64 accumulator of one chunk stays in L1
+    units = -(-columns // _COMBINE_UNIT)
+    if _threads(units, count * columns) <= 1:
+        _combine_range(xs, count, weights_np, target, 0, columns, _COMBINE_CHUNK, accumulate)
+        return
 
     def work(first: int, last: int) -> None:
         # Whole units, so thread boundaries never split a cache line of ``out``.
-        _combine_range(xs, len(listed), weights_np, target, first * _COMBINE_UNIT,
-                       min(columns, last * _COMBINE_UNIT), chunk, accumulate)
+        _combine_range(xs, count, weights_np, target, first * _COMBINE_UNIT,
+                       min(columns, last * _COMBINE_UNIT), _COMBINE_CHUNK, accumulate)
 
-    _run(work, -(-columns // _COMBINE_UNIT), len(listed) * columns)
+    _run(work, units, count * columns)
 
 
 def _torch_combine_into(rows: list[Tensor], c: Tensor, flat_out: Tensor,

@@ -25,15 +25,36 @@ from .errors import InvalidGramianError, NonFiniteError, ShapeError
 
 # Symmetry and diagonal checks, relative to the largest diagonal entry.
 _GRAMIAN_RTOL = 1e-5
-_blas: ThreadpoolController | None = None
+_blas_libraries: list[Any] | None = None
+
+
+class _OneBlasThread(AbstractContextManager):
+    """Sets every loaded BLAS to one thread on entry, and back on exit (only those that were
+    not at one already). The libraries are looked up once, on first use: NumPy's and SciPy's
+    BLAS are loaded by then (this module imports ``scipy.linalg``). Talking to them directly
+    costs ~1 us per call, threadpoolctl's ``limit`` ~10 us: this runs once per method call."""
+
+    def __enter__(self) -> _OneBlasThread:
+        global _blas_libraries
+        if _blas_libraries is None:
+            _blas_libraries = [library for library in ThreadpoolController().lib_controllers
+                               if library.user_api == "blas"]
+        self._changed = []
+        for library in _blas_libraries:
+            threads = library.num_threads
+            if threads != 1:
+                library.set_num_threads(1)
+                self._changed.append((library, threads))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for library, threads in reversed(self._changed):
+            library.set_num_threads(threads)
 
 
 def single_threaded_blas() -> AbstractContextManager:
     """A context in which NumPy's and SciPy's BLAS use one thread (for T x T algebra)."""
-    global _blas
-    if _blas is None:
-        _blas = ThreadpoolController()
-    return _blas.limit(limits=1, user_api="blas")
+    return _OneBlasThread()
 
 
 def to_numpy(values: Any, dtype: type = np.float64) -> np.ndarray:

@@ -586,7 +586,18 @@ def dual_cone_weights(gramian: np.ndarray, targets: np.ndarray, reg_eps: float =
     if trace <= 0.0 or live.size == 0:
         return targets
     scale = np.sqrt(diagonal[live]) if reg_eps == 0.0 else np.full(live.size, math.sqrt(trace))
-    G = gramian[np.ix_(live, live)] / np.outer(scale, scale) + reg_eps * np.eye(live.size)
+    sub = gramian if live.size == len(diagonal) else gramian[np.ix_(live, live)]
+    G = sub / np.outer(scale, scale)
+    if reg_eps:
+        G += reg_eps * np.eye(live.size)
+    # z = 0 is optimal exactly when G y0 >= 0 (the KKT conditions at z = 0; the Tikhonov term
+    # adds nothing there): a target that conflicts with no task is its own projection. Most
+    # targets of UPGrad are (u = p_i e_i: task i's gradient conflicts with none), and they
+    # need no factorization.
+    starts = targets[:, live] * scale
+    pending = np.flatnonzero((starts @ G < 0.0).any(axis=1))
+    if pending.size == 0:
+        return targets
     values, vectors = np.linalg.eigh(G)
     keep = values > 1e-14 * max(float(values[-1]), 0.0)
     factor_t = (vectors[:, keep] * np.sqrt(values[keep])).T  # L^T with G = L L^T, r x live
@@ -596,8 +607,8 @@ def dual_cone_weights(gramian: np.ndarray, targets: np.ndarray, reg_eps: float =
         delta = live.size * float(np.finfo(np.float64).eps)
         factor_t = np.vstack([factor_t, math.sqrt(delta) * np.eye(live.size)])
     solutions = targets.copy()
-    for row, u in enumerate(targets):
-        start = scale * u[live]
+    for row in pending:
+        start = starts[row]
         rhs = np.zeros(factor_t.shape[0])
         rhs[:rows] = -(factor_t[:rows] @ start)
         z, _ = nnls(factor_t, rhs, maxiter=50 * gramian.shape[0])

@@ -1,22 +1,21 @@
-"""Gramian-only mode: M = J J^T from per-layer pieces, without ever holding the T x d Jacobian.
+"""Gramian-only mode: M = J J^T from per-layer pieces, without a second pass through the trunk.
 
 ``track(trunk)`` registers forward hooks on every module of the trunk that owns parameters;
-each call records its inputs and the gradient edges of its outputs (taken before any later
-in-place operation can move them). ``deconflict.backward(..., mode="gramian")`` then:
+each call records the nodes of its inputs, the gradient edges of its outputs (taken before any
+later in-place operation can move them) and, for ``nn.Linear`` and ``nn.Embedding``, its input.
+``deconflict.backward(..., mode="gramian")`` then (``tracked_gramian``):
 
-1. computes, for every task i, the gradients Delta_i of L_i w.r.t. the recorded outputs
-   (backward passes that skip every weight gradient);
-2. builds each layer's share of the Gramian from its inputs and the Delta_i:
-
-   - ``nn.Linear`` (y = x W^T + b, inputs X: N x n_in, Delta_i: N x n_out): the weight gradient
-     is G_i = Delta_i^T X, so <G_i, G_j> = <Delta_i, K Delta_j> with K = X X^T (the kernel
-     trick; N^2 (n_in + T n_out) operations instead of T N n_in n_out), or, when N is large,
-     the G_i themselves a few output rows at a time; the bias gradient is sum_n Delta_i[n];
-   - any other module: its parameters' per-task gradients through the module alone (a local
-     backward from its outputs with Delta_i), T x (that module's parameters) at a time;
-
-   everything accumulated in float64;
-3. leaves the combination to one ordinary backward pass of sum_i c_i L_i.
+1. gives every reached shared parameter a rule (``layer_gramians``): a Delta rule for Linear
+   layers where the kernel trick is the cheaper (``choose_linear_rule``) and for embeddings,
+   the Jacobian rule for every other module and for parameters the records cannot account for
+   (used outside any recorded call, tied across modules, feeding their own layer's input: the
+   per-module fallback, named in ``tracker.rules``);
+2. runs one backward pass per row (or ``chunk_size`` rows vectorized) to what the rules ask
+   for: the gradients Delta_i of row i w.r.t. the Delta layers' outputs (weight gradients
+   skipped there) and the per-task gradients of the Jacobian rules' parameters;
+3. adds up the rules' shares of M (float64) and, once the method has chosen the row weights r,
+   writes J^T r from what the rules kept: (sum_i r_i Delta_i)^T X per Linear layer (one GEMM),
+   sum_i r_i G_i for the Jacobian rules - no second backward pass through the trunk.
 
 Under autocast a layer computes in a lower precision (bfloat16, float16): Delta_i has the
 output's dtype, and the Linear rule uses the input as the layer did, cast to that dtype (exactly
@@ -24,7 +23,9 @@ autocast's rounding). Products of such values are exact in float64, so the kerne
 Gramian of the exact G_i = Delta_i^T X, whereas autograd rounds each G_i to the layer's dtype:
 the two agree to that rounding, not to float64. The other rules use autograd's own gradients.
 
-Memory: the Delta_i (T x the trunk's activations) and one layer's pieces, never T x d.
+Memory: the Delta rules hold R x (their layers' outputs), the Jacobian rules R x (their
+parameters) - never more than the batched mode's Jacobian, and for wide layers on small batches
+far less (``docs/performance.md``, "Gramian-only mode and mode='auto'").
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from . import kernels
-from .errors import InvalidOptionError
+from .errors import InvalidOptionError, ShapeError
 from .finite import NonFinite
-from .graph import reaches
+from .graph import nodes
 from .jacobian import gradients, row_chunks
+from .kernels import Rows
+from .layer_gramians import EmbeddingRule, JacobianRule, KernelRule, Rule, choose_linear_rule
 
 # The attribute of a tracked trunk that holds (a weak reference to) its tracker. The trunk's
 # hooks hold the tracker itself, so it lives as long as it is registered; a weak reference
@@ -51,26 +53,22 @@ from .jacobian import gradients, row_chunks
 TRACKER_ATTRIBUTE = "_deconflict_tracker"
 # Forward passes without a backward after which the tracker warns (each keeps its graph alive).
 _PENDING_WARNING = 32
-# Largest kernel matrix K (N x N float64) the Linear rule builds, in elements.
-_KERNEL_ELEMENTS = 1 << 24
-# Elements of the float64 pieces (or per-task weight gradients) formed at a time: cache-sized.
-_CHUNK_ELEMENTS = 1 << 17
 
 
 @dataclass
 class _Call:
     """One recorded forward call of a module that owns parameters.
 
-    Only what the Gramian needs is kept: a Linear layer's input (autograd saves it anyway), the
-    nodes that produced the other inputs, the outputs' gradient edges and shapes - not the
-    outputs, which autograd may have freed.
+    Only what the Gramian needs is kept: a Linear layer's input (autograd saves it anyway) or an
+    Embedding's indices, the nodes that produced the inputs, the outputs' gradient edges and
+    shapes - not the outputs, which autograd may have freed.
     """
 
     module: nn.Module
     name: str
     edges: list[GradientEdge]
     output_shapes: list[tuple[torch.Size, torch.dtype, torch.device]]
-    linear_input: Tensor | None = None
+    layer_input: Tensor | None = None
     input_version: int = 0
     input_nodes: list[Any] = field(default_factory=list, repr=False)
 
@@ -99,6 +97,9 @@ class LayerTracker:
     def __init__(self, trunk: nn.Module) -> None:
         self.trunk = trunk
         self.calls: list[_Call] = []
+        # After each Gramian-mode step: the rule each module got ("kernel", "embedding",
+        # "jacobian", or "fallback" for parameters the records cannot account for).
+        self.rules: dict[str, str] = {}
         self._handles = []
         self._forwards = 0
         self.owners: dict[int, list[str]] = {}
@@ -134,13 +135,15 @@ class LayerTracker:
             if not outputs:
                 return
             inputs = _tensors(args)
-            linear = isinstance(module, nn.Linear) and len(inputs) == 1
+            # The input the Delta rules need (Linear: X; Embedding: the indices), kept as is.
+            kept = (isinstance(module, (nn.Linear, nn.Embedding)) and len(inputs) == 1
+                    and len(outputs) == 1)
             self.calls.append(_Call(
                 module=module, name=name or type(module).__name__,
                 edges=[get_gradient_edge(t) for t in outputs],
                 output_shapes=[(t.shape, t.dtype, t.device) for t in outputs],
-                linear_input=inputs[0] if linear else None,
-                input_version=inputs[0]._version if linear else 0,
+                layer_input=inputs[0] if kept else None,
+                input_version=inputs[0]._version if kept else 0,
                 input_nodes=[t.grad_fn for t in inputs if t.grad_fn is not None]))
         return record
 
@@ -224,18 +227,45 @@ def _tensors(value: Any) -> list[Tensor]:
 
 
 # ------------------------------------------------------------------------------------- Gramian
+@dataclass
+class TrackedGramian:
+    """What ``tracked_gramian`` found: M, its per-layer shares, and the rules that hold what
+    the update J^T r needs (``update``), without another backward pass."""
+
+    M: Tensor
+    by_layer: dict[str, Tensor]
+    rules: list[Rule]
+    reached: list[Tensor]
+
+    def update(self, r: Tensor) -> list[Tensor | None]:
+        """J^T r for each reached shared parameter (in ``reached``'s order)."""
+        found: dict[int, Tensor | None] = {}
+        for rule in self.rules:
+            for param, grad in zip(rule.params, rule.update(r), strict=True):
+                found[id(param)] = grad
+        return [found.get(id(p)) for p in self.reached]
+
+    def release(self) -> None:
+        for rule in self.rules:
+            rule.release()
+        self.rules = []
+
+
 def tracked_gramian(
     tracker: LayerTracker, rows: Sequence[Tensor], shared: Sequence[tuple[str, Tensor, str]],
-    chunk_size: int | None, scale: float = 1.0,
-) -> tuple[Tensor, set[int], dict[str, Tensor]] | NonFinite:
+    reached: Sequence[Tensor], chunk_size: int | None, scale: float = 1.0,
+) -> TrackedGramian | NonFinite:
     """M (R x R float64) of the rows' gradients w.r.t. the shared parameters, from the records.
 
-    Returns M, the ids of the shared parameters some row reaches, and each layer's share of M
-    (keyed by the layer of its parameters, as ``update.layer_gramians``); or, when a layer's
-    share is not finite (a NaN or infinity in some row's gradient reaches its diagonal), what
+    ``reached``: the trainable shared parameters the rows reach. One backward pass of the rows
+    (``chunk_size`` at a time; None: one at a time) gives each layer's rule what it needs
+    (``layer_gramians``); the rules give M, each layer's share of it (keyed by the layer of
+    its parameters, as ``update.layer_gramians``) and later the update. When a layer's share is
+    not finite (a NaN or infinity in some row's gradient reaches its diagonal), returns what
     was found, naming the layer (``docs/methods.md#gramian``). With loss scaling, the rows are
     ``scale`` times the losses and M is that of the losses' gradients (divided by ``scale``^2,
-    exact for a power of two).
+    exact for a power of two). ``tracker.rules`` then says which rule each module got
+    ("fallback" for the parameters the records could not account for).
     """
     R = len(rows)
     if not tracker.calls:
@@ -243,189 +273,192 @@ def tracked_gramian(
             "mode='gramian': the tracker recorded no layer call since the last backward (was the "
             "forward pass run under torch.no_grad(), or before deconflict.track?)"
         )
-    shared_ids = {id(p) for _, p, _ in shared}
-    # Calls of frozen modules need no Delta: they hold nothing to train.
-    calls = [call for call in tracker.calls
-             if any(id(p) in shared_ids for p in call.module.parameters(recurse=False))]
-    for call in calls:
-        if call.linear_input is not None and call.linear_input._version != call.input_version:
-            raise InvalidOptionError(
-                f"the input of {call.name} was modified in place after the layer used it; "
-                "Gramian-only mode needs it unchanged (use mode='sequential')"
-            )
-    edges = [edge for call in calls for edge in call.edges]
-    shapes = [shape for call in calls for shape in call.output_shapes]
-    chunks = row_chunks(R, chunk_size)
-    deltas: list[Tensor | None] = [None] * len(edges)
-    for chunk in chunks:
-        grads = gradients(rows, edges, None, chunk, retain_graph=True)
-        for e, grad in enumerate(grads):
-            if grad is None:
-                continue
-            if len(chunks) == 1:
-                deltas[e] = grad  # (R, *shape): no copy
-                continue
-            stacked = deltas[e]
-            if stacked is None:
-                stacked = deltas[e] = grad.new_zeros(R, *grad.shape[1:])
-            stacked[chunk.start:chunk.stop] = grad
-        del grads
-    # Per call: the stacked Delta of each output (R, *shape), or None if no row reaches it.
-    call_deltas: list[list[Tensor] | None] = []
-    e = 0
-    for call in calls:
-        outputs = deltas[e:e + len(call.edges)]
-        output_shapes = shapes[e:e + len(call.edges)]
-        e += len(call.edges)
-        if all(d is None for d in outputs):
-            call_deltas.append(None)
-            continue
-        call_deltas.append([
-            torch.zeros(R, *shape, dtype=dtype, device=device) if d is None else d
-            for d, (shape, dtype, device) in zip(outputs, output_shapes, strict=True)])
-    del deltas
+    rules, fallback = _rules(tracker, rows, shared, reached, R)
+    targets = [target for rule in rules for target in rule.targets]
+    taken = _stacked_gradients(rows, targets, chunk_size)
+    start = 0
+    for rule in rules:
+        rule.taken = taken[start:start + len(rule.targets)]
+        start += len(rule.targets)
+    del taken
+    tracker.rules = {rule.name: ("fallback" if rule.name in fallback else rule.kind)
+                     for rule in rules}
 
-    names = {id(p): name for name, p, _ in shared}
-    layer_of = {id(p): layer for _, p, layer in shared}
     by_layer: dict[str, Tensor] = {}
     M = torch.zeros(R, R, dtype=torch.float64)
-    reached: set[int] = set()
-    by_module: dict[int, list[int]] = {}
-    for index, call in enumerate(calls):
-        if call_deltas[index] is not None:
-            by_module.setdefault(id(call.module), []).append(index)
-    tied = {pid for pid, owners in tracker.owners.items() if len(owners) > 1}
-    # Per-task gradients of parameters that need summing across modules (tied weights).
-    pending: dict[int, Tensor] = {}
-    for indices in by_module.values():
-        module = calls[indices[0]].module
-        own: list[Tensor] = [p for _, p in module.named_parameters(recurse=False)
-                             if p.requires_grad and id(p) in shared_ids]
-        if not own:
-            continue
-        # by_module holds the calls some row reaches: their Deltas are not None.
-        module_deltas = cast(list[list[Tensor]], [call_deltas[i] for i in indices])
-        linear = all(calls[i].linear_input is not None for i in indices)
-        if linear and not any(id(p) in tied for p in own):
-            part = _linear_gramian(cast(nn.Linear, module), [calls[i] for i in indices],
-                                   [d[0] for d in module_deltas], R)
-        else:
-            part = _generic_gramian(module, [calls[i] for i in indices], module_deltas, own,
-                                    tied, pending, chunk_size, R)
-        if not bool(torch.isfinite(part).all()):
-            return NonFinite(
-                f"the gradient of a loss with respect to the parameters of {calls[indices[0]].name}"
-                " contains NaN or infinity")
-        M += part
-        _add_layer(by_layer, layer_of[id(own[0])], part)
-        reached.update(id(p) for p in own)
-    for pid, block in pending.items():
-        part = torch.zeros(R, R, dtype=torch.float64)
-        kernels.gramian_into(block, part)
-        if not bool(torch.isfinite(part).all()):
-            return NonFinite(f"the gradient of a loss with respect to shared "
-                             f"parameter {names[pid]} contains NaN or infinity")
-        M += part
-        _add_layer(by_layer, layer_of[pid], part)
+    for rule in rules:
+        piece = rule.gramian(R)
+        for layer, part in piece.parts.items():
+            if not bool(torch.isfinite(part).all()):
+                return NonFinite(f"the gradient of a loss with respect to the parameters of "
+                                 f"{piece.name} contains NaN or infinity")
+            M += part
+            by_layer[layer] = by_layer[layer] + part if layer in by_layer else part
     if scale != 1.0:
         M /= scale**2
         by_layer = {layer: part / scale**2 for layer, part in by_layer.items()}
-    return M, reached, by_layer
+    return TrackedGramian(M, by_layer, rules, list(reached))
 
 
-def _add_layer(by_layer: dict[str, Tensor], layer: str, part: Tensor) -> None:
-    by_layer[layer] = by_layer[layer] + part if layer in by_layer else part.clone()
+def _rules(
+    tracker: LayerTracker, rows: Sequence[Tensor], shared: Sequence[tuple[str, Tensor, str]],
+    reached: Sequence[Tensor], R: int,
+) -> tuple[list[Rule], set[str]]:
+    """A rule for every reached shared parameter, and the names of the fallback rules.
 
+    Linear and Embedding layers get a Delta rule when their parameters are used by their
+    recorded calls only; every other reached parameter, the Jacobian rule (grouped by the
+    module that owns it).
+    """
+    reached_ids = {id(p) for p in reached}
+    layer_of = {id(p): layer for _, p, layer in shared}
+    name_of = {id(p): name for name, p, _ in shared}
+    tied = {pid for pid, owners in tracker.owners.items() if len(owners) > 1}
+    by_module: dict[int, list[_Call]] = {}
+    for call in tracker.calls:
+        by_module.setdefault(id(call.module), []).append(call)
 
-def _linear_gramian(
-    module: nn.Linear, calls: list[_Call], deltas: list[Tensor], R: int
-) -> Tensor:
-    """<grad_i, grad_j> over the weight and bias of a Linear layer, from inputs and Delta."""
-    n_in, n_out = module.in_features, module.out_features
-    # The input as the layer multiplied it: cast to its output's dtype under autocast.
-    X = _rows_of([cast(Tensor, call.linear_input).detach().reshape(-1, n_in)
-                  .to(call.output_shapes[0][1]) for call in calls], dim=0)
-    D = _rows_of([d.detach().reshape(R, -1, n_out) for d in deltas], dim=1)  # R x N x n_out
-    N = X.shape[0]
-    M = torch.zeros(R, R, dtype=torch.float64)
-    if module.bias is not None and module.bias.requires_grad:
-        # The bias gradient sum_n Delta_i[n], summed in the gradients' precision as autograd does.
-        kernels.gramian_into(D.sum(dim=1), M)
-    if not module.weight.requires_grad:
-        return M
-    # Operation counts of the two rules (float64 products count double).
-    kernel_cost = 2 * (N * N * n_in / 2 + R * N * N * n_out)
-    direct_cost = R * N * n_in * n_out
-    if kernel_cost < direct_cost and N * N <= _KERNEL_ELEMENTS:
-        K = torch.zeros(N, N, dtype=torch.float64)
-        kernels.gramian_into(X, K)
-        # Output columns a few at a time: float64 copies that stay small.
-        step = max(8, _CHUNK_ELEMENTS // (R * N))
-        for start in range(0, n_out, step):
-            part = D[:, :, start:start + step].to(torch.float64)  # R x N x k
-            mixed = torch.matmul(K, part)  # K Delta_j
-            kernels.cross_into(part.reshape(R, -1), mixed.reshape(R, -1), M)
-        return (M + M.T) / 2
-    step = max(1, _CHUNK_ELEMENTS // (R * n_in))
-    for start in range(0, n_out, step):
-        grads = torch.matmul(D[:, :, start:start + step].transpose(1, 2), X)  # R x k x n_in
-        kernels.gramian_into(grads.reshape(R, -1), M)
-    return M
-
-
-def _rows_of(parts: list[Tensor], dim: int) -> Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-def _generic_gramian(
-    module: nn.Module, calls: list[_Call], deltas: list[list[Tensor]], own: list[Tensor],
-    tied: set[int], pending: dict[int, Tensor], chunk_size: int | None, R: int,
-) -> Tensor:
-    """<grad_i, grad_j> over a module's own parameters, by local backward passes."""
-    if len(calls) > 1 or any(id(p) in tied for p in own):
-        _check_not_recurrent(calls, own)
-    blocks: list[Tensor | None] = [None] * len(own)
-    for call, call_deltas in zip(calls, deltas, strict=True):
-        for chunk in row_chunks(R, chunk_size):
-            grad_outputs = [d[chunk.start:chunk.stop] for d in call_deltas]
-            grads: list[Tensor | None]
-            if len(chunk) == 1:
-                single = torch.autograd.grad(call.edges, own, grad_outputs=[g[0] for g in
-                                                                            grad_outputs],
-                                             allow_unused=True, retain_graph=True)
-                grads = [None if g is None else g.unsqueeze(0) for g in single]
-            else:
-                grads = list(torch.autograd.grad(call.edges, own, grad_outputs=grad_outputs,
-                                                 is_grads_batched=True, allow_unused=True,
-                                                 retain_graph=True))
-            for k, grad in enumerate(grads):
-                if grad is None:
-                    continue
-                block = blocks[k]
-                if block is None:
-                    block = blocks[k] = grad.new_zeros(R, own[k].numel())
-                block[chunk.start:chunk.stop] += grad.reshape(len(chunk), -1)
-    M = torch.zeros(R, R, dtype=torch.float64)
-    for param, block in zip(own, blocks, strict=True):
-        if block is None:
+    candidates: dict[int, tuple[nn.Module, list[_Call], list[Tensor]]] = {}
+    for calls in by_module.values():
+        module = calls[0].module
+        own: list[Tensor] = [p for p in module.parameters(recurse=False)
+                             if id(p) in reached_ids]
+        if not own:
             continue
-        if id(param) in tied:
-            if id(param) in pending:
-                pending[id(param)] += block
-            else:
-                pending[id(param)] = block
+        for call in calls:
+            if call.layer_input is not None and call.layer_input._version != call.input_version:
+                raise InvalidOptionError(
+                    f"the input of {call.name} was modified in place after the layer used it; "
+                    "Gramian-only mode needs it unchanged (use mode='sequential')")
+        if _delta_rule(module, calls, R) and not any(id(p) in tied for p in own):
+            candidates[id(module)] = (module, calls, own)
+    # A Delta rule sees a parameter's uses by its own calls only: a parameter also used
+    # elsewhere (by a head, functionally, or in its own layer's input) gets the Jacobian rule.
+    # Outside every recorded call: reached from the rows or from a call's inputs without
+    # entering a call's outputs (only for the record: the Jacobian rule is exact either way).
+    every_call = [call for calls in by_module.values() for call in calls]
+    outside = _leaf_ids([row.grad_fn for row in rows]
+                        + [node for call in every_call for node in call.input_nodes],
+                        {edge.node for call in every_call for edge in call.edges})
+    demoted: set[int] = set()
+    while True:
+        stop = {edge.node for _, calls, _ in candidates.values() for call in calls
+                for edge in call.edges}
+        starts = [row.grad_fn for row in rows] + [
+            node for _, calls, _ in candidates.values() for call in calls
+            for node in call.input_nodes]
+        seen = _leaf_ids(starts, stop)
+        bad = [key for key, (_, _, own) in candidates.items() if any(id(p) in seen for p in own)]
+        if not bad:
+            break
+        for key in bad:
+            demoted.update(id(p) for p in candidates.pop(key)[2])
+
+    rules: list[Rule] = []
+    covered: set[int] = set()
+    for module, calls, own in candidates.values():
+        name = calls[0].name
+        layers = [layer_of[id(p)] for p in own]
+        edges = [call.edges[0] for call in calls]
+        if isinstance(module, nn.Linear):
+            inputs = [cast(Tensor, call.layer_input).detach().to(call.output_shapes[0][1])
+                      for call in calls]
+            rules.append(KernelRule(name, own, layers, edges, module=module, inputs=inputs))
+        else:
+            indices = [cast(Tensor, call.layer_input).detach() for call in calls]
+            rules.append(EmbeddingRule(name, own, layers, edges, module=cast(nn.Embedding, module),
+                                       indices=indices))
+        covered.update(id(p) for p in own)
+    # The rest, grouped by owning module (the first owner of a tied parameter).
+    groups: dict[str, list[Tensor]] = {}
+    for param in reached:
+        if id(param) not in covered:
+            owners = tracker.owners.get(id(param))
+            owner = owners[0] if owners else name_of[id(param)]
+            groups.setdefault(owner or type(tracker.trunk).__name__, []).append(param)
+    fallback: set[str] = set()
+    for owner, params in groups.items():
+        is_fallback = any(id(p) in outside or id(p) in tied or id(p) in demoted for p in params)
+        if is_fallback:
+            fallback.add(owner)
+        rules.append(JacobianRule(owner, params, [layer_of[id(p)] for p in params],
+                                  list(params), fallback=is_fallback))
+    return rules, fallback
+
+
+def _delta_rule(module: nn.Module, calls: list[_Call], R: int) -> bool:
+    """Whether a module's calls can use a Delta rule, and it is the cheaper one."""
+    if any(call.layer_input is None for call in calls):
+        return False
+    if isinstance(module, nn.Embedding):
+        # A frequency-scaled or sparse gradient is not the plain scatter of Delta.
+        return not (module.scale_grad_by_freq or module.sparse)
+    if not isinstance(module, nn.Linear):
+        return False
+    rows = sum(cast(Tensor, call.layer_input).numel() // module.in_features for call in calls)
+    return choose_linear_rule(rows, module.in_features, module.out_features, R,
+                              module.weight.requires_grad) == "kernel"
+
+
+def _leaf_ids(starts: list[Any], stop: set[Any]) -> set[int]:
+    """The ids of the leaves reached from ``starts`` without entering ``stop``."""
+    found: set[int] = set()
+    for node in nodes(starts, stop):
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.add(id(variable))
+    return found
+
+
+def _stacked_gradients(rows: Sequence[Tensor], targets: list[Any], chunk_size: int | None
+                       ) -> list[Rows | None]:
+    """d rows / d targets per target, None if no row reaches it, zeros for the rows that do not.
+
+    A parameter's gradients stay as autograd returns them (R per-row tensors, or views of a
+    batched pass's result: never copied); a layer output's (Delta) are written into one
+    (R, *shape) buffer as they arrive, so that a row's gradient is freed by the next pass and
+    the R rows are never held twice.
+    """
+    R = len(rows)
+    # By default one row per pass: measured faster than one batched pass on the MLP, CNN and
+    # Transformer workloads (docs/performance.md; vmap has no batching rule for some backward
+    # kernels, e.g. CPU flash attention, and falls back to a loop), with less transient memory.
+    chunks = row_chunks(R, 1 if chunk_size is None else chunk_size)
+    per_row: list[list[Tensor | None]] = [[None] * R for _ in targets]
+    buffers: list[Tensor | None] = [None] * len(targets)
+    filled: list[list[bool]] = [[False] * R for _ in targets]
+    for chunk in chunks:
+        grads = gradients(rows, targets, None, chunk, retain_graph=True)
+        for k, grad in enumerate(grads):
+            if grad is None:
+                continue
+            if grad.layout != torch.strided:
+                raise ShapeError(
+                    "a shared parameter has a sparse gradient; deconflict needs dense gradients "
+                    "(e.g. nn.Embedding(sparse=False))")
+            if isinstance(targets[k], Tensor):
+                for offset, row in enumerate(chunk):
+                    per_row[k][row] = grad[offset]
+                continue
+            buffer = buffers[k]
+            if buffer is None:
+                buffer = buffers[k] = grad.new_empty(R, *grad.shape[1:])
+            buffer[chunk.start:chunk.stop] = grad
+            for row in chunk:
+                filled[k][row] = True
+        del grads
+    result: list[Rows | None] = []
+    for k, grads_of_target in enumerate(per_row):
+        buffer = buffers[k]
+        if buffer is not None:
+            for row in range(R):
+                if not filled[k][row]:
+                    buffer[row].zero_()
+            result.append(buffer)
             continue
-        kernels.gramian_into(block, M)
-    return M
-
-
-def _check_not_recurrent(calls: list[_Call], own: list[Tensor]) -> None:
-    """A call whose input depends on the same parameters would be differentiated twice."""
-    own_ids = {id(p) for p in own}
-    for call in calls:
-        if reaches(call.input_nodes, own_ids):
-            raise InvalidOptionError(
-                f"{call.name} is applied to a result of its own parameters (a recurrence or "
-                "a tied weight); Gramian-only mode cannot separate the uses: use "
-                "mode='sequential' or 'batched'"
-            )
+        present = next((g for g in grads_of_target if g is not None), None)
+        if present is None:
+            result.append(None)
+            continue
+        result.append([torch.zeros_like(present) if g is None else g for g in grads_of_target])
+    return result

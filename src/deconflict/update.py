@@ -36,11 +36,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import kernels
 from .errors import InvalidOptionError, NonFiniteError, ShapeError
 from .finite import NonFinite
-from .gramian import check_block, combine_block, gramian_of_blocks, rounding_floor
+from .gramian import check_block, combine_block, gramian_of_blocks
 from .kernels import Rows
-from .linalg import single_threaded_blas
+from .linalg import single_threaded_blas, update_rounding_floor
 from .methods.base import (
     BlockWeighting,
     GramianWeighting,
@@ -179,8 +180,42 @@ def compute_update(
         return weighed
     c, r, diagnostics = weighed
     M = M.cpu()
+    # J D = M r and ||D||^2 = r^T M r, in NumPy: T x T products cost less there than in torch.
+    products = M.numpy() @ r.numpy()
     return Update(M, c, diagnostics, block_weights=[r] * len(blocks), layer_gramians=by_layer,
-                  row_products=M @ r, update_sq_norm=float(r @ M @ r))
+                  row_products=torch.from_numpy(products),
+                  update_sq_norm=float(r.numpy() @ products))
+
+
+def matrix_update(method: Method, jacobian: Tensor, losses: Any = None
+                  ) -> Tensor | NonFinite | None:
+    """``compute_update`` and ``materialize`` in one, for a whole T x d Jacobian (one block) and
+    a method whose weights come from the Gramian: the call ``aggregate`` makes most often.
+
+    The same checks and the same update, with the per-call cost cut to the two kernels and the
+    method: the T x T algebra stays in NumPy and no record (layer Gramians, row products) is
+    built, since ``aggregate`` returns the update alone. None where it does not apply (another
+    protocol, a layout the compiled kernels cannot read, or a non-finite Gramian: the general
+    path then names the task); the caller takes the general path.
+    """
+    if not weighs_by_gramian(method) or last_layer_scope(method):
+        return None
+    rows = kernels.compiled_matrix(jacobian)
+    if rows is None:
+        return None
+    M = kernels.matrix_gramian(rows)
+    if not np.isfinite(M).all():
+        return None
+    gramian = torch.from_numpy(M)
+    assert isinstance(method, WeightsFromGramian)  # weighs_by_gramian
+    c, _ = method.weights_with_diagnostics(gramian, losses=losses)
+    checked = _checked_row_weights(method, gramian, c.cpu(), (jacobian.dtype,))
+    if isinstance(checked, NonFinite):
+        return checked
+    update = torch.empty(rows.shape[1], dtype=jacobian.dtype)
+    weights = np.ascontiguousarray(checked.numpy(), dtype=np.float64)
+    kernels.matrix_combine(rows, weights, update.numpy())
+    return update
 
 
 def checked_gramians(
@@ -193,7 +228,9 @@ def checked_gramians(
     M anyway; only then are the rows themselves read again to name the task and block.
     """
     block_gramians = [scale.gramian(gramian_of_blocks([block])) for block in blocks]
-    M = torch.stack(block_gramians).sum(dim=0)
+    # One block (``aggregate``): M is a copy of its Gramian, not a sum of one.
+    M = (block_gramians[0].clone() if len(block_gramians) == 1
+         else torch.stack(block_gramians).sum(dim=0))
     if not bool(torch.isfinite(M).all()):
         return non_finite_rows(blocks, names, combination=combination)
     return block_gramians, M
@@ -283,18 +320,33 @@ def _checked_row_weights(
     Both are decided before anything is written, from M alone: ||J^T r||^2 = r^T M r, and every
     element of the written update s J^T r is at most s sum_i |r_i| ||g_i||.
     """
-    if not bool(torch.isfinite(r).all()):
+    weights = r.numpy() if r.device.type == "cpu" and r.dtype == torch.float64 else (
+        r.detach().to("cpu", torch.float64).numpy())
+    if not np.isfinite(weights).all():
         raise NonFiniteError(f"{method.name} returned non-finite weights {r.tolist()}")
-    norms = torch.sqrt(torch.clamp(torch.diagonal(M), min=0.0))
-    bound = scale.factor * float((r.abs() * norms).sum())
-    largest = min((torch.finfo(dtype).max for dtype in dtypes), default=float("inf"))
+    gramian = M.numpy() if M.device.type == "cpu" else M.cpu().numpy()
+    # In NumPy: a handful of T-sized operations, cheaper there than as torch calls.
+    budget = float(np.abs(weights) @ np.sqrt(np.maximum(np.diagonal(gramian), 0.0)))
+    bound = scale.factor * budget
+    largest = min((_largest(dtype) for dtype in dtypes), default=float("inf"))
     if bound >= largest:
         return NonFinite(
             f"the update of {method.name} overflows: its elements may reach {bound:.3g}"
         )
-    if float(r @ M @ r) <= rounding_floor(M, r) ** 2:
+    # ||J^T r||^2 = r^T M r against the rounding floor (``gramian.rounding_floor``).
+    if float(weights @ gramian @ weights) <= update_rounding_floor(len(weights), budget) ** 2:
         return torch.zeros_like(r)
     return r
+
+
+_LARGEST: dict[torch.dtype, float] = {}
+
+
+def _largest(dtype: torch.dtype) -> float:
+    """The largest finite value of a floating dtype (cached: ``torch.finfo`` is slow)."""
+    if dtype not in _LARGEST:
+        _LARGEST[dtype] = float(torch.finfo(dtype).max)
+    return _LARGEST[dtype]
 
 
 def non_finite_rows(blocks: Sequence[Rows], names: Sequence[str], combination: bool

@@ -13,6 +13,10 @@ choice of alpha in a sweep), so the tables hold no paired column unless one is n
 ``compare`` it is a label of the comparison (``single_task``, ``sum``, ``cagrad(c=0.2)``, or the
 spec form ``cagrad:c=0.2``); in ``sweep`` a value of the swept option (``--paired-with -3``), or any
 method spec, which then runs on the same seeds beside the grid (not on its front).
+
+``compare --grid KEY=V1,V2 --select METRIC[,METRIC]`` runs every method at every value of one
+numeric problem setting and keeps, per method, the value with the best validation metrics
+(``tuning``: the tensioner paper's best-of-several-learning-rates protocol).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..errors import DeconflictError, InvalidOptionError
 from ..methods.options import Option
 from ..methods.registry import method_class
 from .problems import PROBLEMS, get_problem
+from .problems.base import Metric
 from .report import (
     compare_csv,
     compare_json,
@@ -42,7 +47,21 @@ from .report import (
     write_report,
     write_report_json,
 )
-from .runner import SINGLE_TASK, MethodSpec, parse_value, run_many
+from .runner import SINGLE_TASK, MethodSpec, parse_value, preflight, run_many
+from .tuning import (
+    RULES,
+    Grid,
+    best_records,
+    choice_json,
+    choose,
+    chosen_text,
+    grid_json,
+    grid_markdown,
+    parse_grid,
+    parse_select,
+    selection_json,
+    selection_sentence,
+)
 
 
 def method_spec(args: argparse.Namespace, text: str,
@@ -165,11 +184,26 @@ def command_compare(args: argparse.Namespace) -> int:
     if not specs:
         raise InvalidOptionError("--methods is empty")
     config = _config(problem, args)
+    grid = getattr(args, "grid", None)
+    if grid is None and getattr(args, "select", None) is not None:
+        raise InvalidOptionError("--select chooses a value of --grid: give --grid KEY=V1,V2,...")
+    if grid is None and getattr(args, "select_rule", None) is not None:
+        raise InvalidOptionError("--select-rule applies with --grid and --select")
+    tuned = None
+    if grid is not None:
+        if getattr(args, "select", None) is None:
+            raise InvalidOptionError("--grid needs --select METRIC[,METRIC...]: the validation "
+                                     "metrics that choose the best value per method")
+        fixed = {item.partition("=")[0].strip() for item in args.set or []}
+        tuned = (parse_grid(problem, grid, fixed), parse_select(problem, config, args.select),
+                 args.select_rule or RULES[0])
     check_output(args.out)
     if not args.no_baseline and problem.single_task_baseline and \
             len(problem.tasks(config)) > 1 and all(s.name != SINGLE_TASK for s in specs):
         specs.insert(0, MethodSpec(SINGLE_TASK))
     baseline = compare_baseline(getattr(args, "baseline", None), specs)
+    if tuned is not None:
+        return _compare_grid(args, problem, specs, config, baseline, *tuned)
     records = run_many(problem.name, specs, _seeds(args), config, _device(args.device),
                        args.out, args.force, progress=not args.quiet,
                        **execution(args))
@@ -185,6 +219,56 @@ def command_compare(args: argparse.Namespace) -> int:
     print(text)
     print(f"written: {folder / (args.name + '.md')}, {folder / (args.name + '.csv')}, "
           f"{folder / (args.name + '.json')}")
+    return 0
+
+
+def _compare_grid(args: argparse.Namespace, problem: Any, specs: list[MethodSpec],
+                  config: dict[str, Any], baseline: str | None, grid: Grid,
+                  select: tuple[Metric, ...], rule: str) -> int:
+    """``compare --grid``: every method and seed at every grid value, the best value per method
+    on the validation split (``tuning``), the reports of both."""
+    configs = [problem.resolve_config({**config, grid.key: value}) for value in grid.values]
+    seeds = _seeds(args)
+    for each in configs:  # every refusal (a corrupt record, a checkpoint left) before training
+        for spec in specs:
+            for seed in seeds:
+                preflight(problem.name, spec, seed, each, args.out, args.force, args.resume)
+    records = [run_many(problem.name, specs, seeds, each, _device(args.device), args.out,
+                        args.force, progress=not args.quiet, **execution(args))
+               for each in configs]
+    labels = [spec.label for spec in specs]
+    choices = choose(problem, config, labels, records, select, rule)
+    best = best_records(problem, config, records, choices)
+    if not best:
+        raise InvalidOptionError("--grid: no method has a run to choose from")
+    note = next(iter(best.values()))[0]["note"]
+    if baseline is not None and baseline not in best:
+        raise InvalidOptionError(f"--paired-with {baseline}: it has no chosen value")
+    rows = summarize(problem, config, best, baseline=baseline)
+    chosen = {choice.label: chosen_text(grid, choice) for choice in choices}
+    protocol = selection_sentence(grid, select, rule) + (
+        " Test metrics of the chosen value's runs; every value's table: "
+        f"`{args.name}_grid.md`.")
+    text = compare_markdown(problem, config, rows, note, args.command_line, baseline,
+                            chosen=(grid.key, chosen), protocol=protocol)
+    data = compare_json(problem, config, rows, args.command_line, baseline)
+    data.update(selection_json(grid, select, rule))
+    by_label = {choice.label: choice for choice in choices}
+    for entry in data["methods"]:
+        entry.update(choice_json(grid, by_label[entry["label"]]))
+    data["not_chosen"] = [label for label in labels if label not in best]
+    grid_text = grid_markdown(problem, config, grid, labels, records, choices, select, rule,
+                              args.command_line, note)
+    grid_data = grid_json(problem, config, grid, labels, records, choices, select, rule,
+                          args.command_line)
+    folder = Path(args.out) / problem.name
+    write_report(folder / f"{args.name}_grid.md", grid_text)
+    write_report_json(folder / f"{args.name}_grid.json", grid_data)
+    write_report(folder / f"{args.name}.md", text)
+    write_report_json(folder / f"{args.name}.json", data)
+    print(text)
+    print(f"written: {folder / (args.name + '.md')}, {folder / (args.name + '.json')}, "
+          f"{folder / (args.name + '_grid.md')}, {folder / (args.name + '_grid.json')}")
     return 0
 
 
@@ -393,3 +477,21 @@ def add_statistics(parser: argparse.ArgumentParser) -> None:
                         "mean difference, 95%% bootstrap interval (10,000 resamples), paired "
                         f"t-test p-value and verdict per metric; NAME is {where} (default: "
                         "none)")
+    if command == "compare":
+        add_grid(parser)
+
+
+def add_grid(parser: argparse.ArgumentParser) -> None:
+    """compare's grid flags (``experiments.tuning``): --grid, --select, --select-rule."""
+    parser.add_argument("--grid", default=None, metavar="KEY=V1,V2,...",
+                        help="run every method at each value of a numeric problem setting and "
+                        "keep, per method, the value with the best validation --select metrics "
+                        "(e.g. --grid lr=0.1,0.05,0.01); writes NAME.md/.json (the best value "
+                        "per method, its test metrics) and NAME_grid.md/.json (every value)")
+    parser.add_argument("--select", default=None, metavar="METRIC[,METRIC...]",
+                        help="with --grid: the validation metrics that choose the value, each "
+                        "in its own direction (xor-and: converged,epochs)")
+    parser.add_argument("--select-rule", default=None, choices=RULES,
+                        help="with --grid: lexicographic (the first --select metric decides, "
+                        "the next breaks ties; default) or mean_rank (the mean of the value's "
+                        "ranks over the metrics)")

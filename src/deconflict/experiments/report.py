@@ -204,14 +204,20 @@ def paired_table(label_header: str, labels: Sequence[str],
 
 
 def compare_markdown(problem: Problem, config: Mapping[str, Any], rows: Sequence[Row],
-                     note: str, command: str, baseline: str | None = None) -> str:
+                     note: str, command: str, baseline: str | None = None,
+                     chosen: tuple[str, Mapping[str, str]] | None = None,
+                     protocol: str = "") -> str:
+    """The comparison table; ``chosen`` = (setting, label -> value) adds the column of the
+    value a grid chose per method (``compare --grid``), ``protocol`` a paragraph saying how."""
     metrics = problem.metrics(config)
     arrows = {True: "higher is better", False: "lower is better"}
-    header = ["method", *(f"{m.name}" for m in metrics), "Delta_m% (lower better)",
+    header = ["method", *(["chosen " + chosen[0]] if chosen else []),
+              *(f"{m.name}" for m in metrics), "Delta_m% (lower better)",
               "mean rank", "strong non-conflict", "weak non-conflict"]
     lines = [
-        f"# {problem.name}: comparison",
+        f"# {problem.name}: comparison" + (f", best {chosen[0]} per method" if chosen else ""),
         "",
+        *([protocol, ""] if protocol else []),
         f"{problem.description}. Test split; mean +- standard error over seeds (the number of "
         "seeds in parentheses; one seed has no standard error).",
         "",
@@ -228,7 +234,8 @@ def compare_markdown(problem: Problem, config: Mapping[str, Any], rows: Sequence
         "|" + "---|" * len(header),
     ]
     for row in rows:
-        cells = [row.label, *(_summary(row, m.name).cell() for m in metrics)]
+        cells = [row.label, *([chosen[1].get(row.label, "-")] if chosen else []),
+                 *(_summary(row, m.name).cell() for m in metrics)]
         cells.append("-" if row.delta_m is None else f"{row.delta_m:+.2f}")
         cells.append("-" if row.rank is None else f"{row.rank:.2f}")
         for key in ("strong_non_conflict_fraction", "weak_non_conflict_fraction"):

@@ -16,6 +16,11 @@ loop: ``load``/``build_model`` (data and model), ``make_optimizer``, ``init_seed
 initial weights), ``adjust_method`` (refuse or adapt a method), ``batches`` (an epoch's
 mini-batches), ``step_losses`` (the forward pass and task losses of a batch), ``end_of_epoch``
 (e.g. a convergence test that stops training), and ``results``/``evaluate`` (the metrics).
+
+A problem whose schema holds ``TRAINING`` also takes ``optimizer`` (adam or sgd), ``momentum``
+and ``patience``: early stopping on a scale-free validation score (``early_stop``), with the
+best epoch's weights kept in the run's state, checkpointed with it, and restored for the
+metrics.
 """
 
 from __future__ import annotations
@@ -95,6 +100,17 @@ def lr_setting(default: float, smoke: float | None = None) -> Setting:
 
 
 WEIGHT_DECAY = Setting("weight_decay", "float", 0.0, "Adam's L2 weight decay", low=0.0)
+# The optimizer and early stopping (the tensioner paper's Table 3 protocol: SGD with momentum,
+# patience 10). Neutral: at their defaults (Adam, no early stopping) a run is what it was before
+# they existed and keeps its key. A problem that puts TRAINING in its schema gets them.
+OPTIMIZER = Setting("optimizer", "str", "adam", "the optimizer: Adam, or SGD with momentum",
+                    choices=("adam", "sgd"), neutral=True)
+MOMENTUM = Setting("momentum", "float", 0.9, "SGD's momentum (optimizer=sgd only)", low=0.0,
+                   high=1.0, open_high=True, neutral=True)
+PATIENCE = Setting("patience", "int", None, "early stopping: stop after this many epochs "
+                   "without a better validation score and restore the best epoch's weights "
+                   "(none: train every epoch)", low=1, optional=True, neutral=True)
+TRAINING: tuple[Setting, ...] = (OPTIMIZER, MOMENTUM, PATIENCE)
 REPRESENTATION = Setting("representation", "bool", False, "give deconflict.backward the shared "
                          "representation (features=) instead of the shared parameters")
 DATA = Setting("data", "path", None, "data directory (else $DECONFLICT_DATA)", optional=True)
@@ -156,7 +172,8 @@ class Problem(ABC):
     Class attributes: ``name`` (registers the class), ``description``, ``schema`` (its own
     settings), ``checkpointable`` and ``distributable`` (whether ``--checkpoint-every``/
     ``--resume`` and ``--nproc`` apply; ``not_checkpointed``/``not_distributed`` say why not),
-    ``single_task_baseline`` (whether ``compare`` adds the single-task baseline).
+    ``single_task_baseline`` (whether ``compare`` adds the single-task baseline), ``requires``
+    (the modules of an optional extra a run imports: the tests skip the problem without them).
     """
 
     name: ClassVar[str]
@@ -167,6 +184,7 @@ class Problem(ABC):
     not_checkpointed: ClassVar[str] = "is not checkpointed"
     not_distributed: ClassVar[str] = "runs in one process"
     single_task_baseline: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -322,8 +340,16 @@ class SupervisedProblem(Problem):
 
     def make_optimizer(self, model: nn.Module, config: Mapping[str, Any]
                        ) -> torch.optim.Optimizer:
-        return torch.optim.Adam(model.parameters(), lr=config["lr"],
-                                weight_decay=config.get("weight_decay", 0.0))
+        """Adam, or with ``optimizer="sgd"`` SGD with ``momentum`` (``TRAINING``)."""
+        decay = config.get("weight_decay", 0.0)
+        if config.get("optimizer", "adam") == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=config["lr"],
+                                   momentum=config.get("momentum", MOMENTUM.default),
+                                   weight_decay=decay)
+        if "momentum" in config and config["momentum"] != MOMENTUM.default:
+            raise InvalidOptionError(f"{self.name}: momentum={config['momentum']:g} applies to "
+                                     "optimizer=sgd only; add --set optimizer=sgd")
+        return torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=decay)
 
     def adjust_method(self, method: Method, config: Mapping[str, Any]) -> Method:
         """The method to train with (a problem may refuse one that cannot work on it)."""
@@ -344,6 +370,62 @@ class SupervisedProblem(Problem):
     def end_of_epoch(self, run: TrainingRun) -> bool:
         """Called after each epoch (and the method's ``end_epoch``); True stops training."""
         return False
+
+    def validation_losses(self, run: TrainingRun, batch_size: int = 4096) -> Tensor:
+        """The task losses on the validation split (eval mode, no gradients): each batch's
+        mean loss weighted by its size, i.e. the mean over the split for mean-reduced losses."""
+        run.model.eval()
+        device = next(run.model.parameters()).device
+        total: Tensor | None = None
+        count = 0
+        with torch.no_grad():
+            for inputs, targets in run.data.validation.batches(batch_size):
+                losses = torch.stack(self.step_losses(
+                    run, inputs.to(device), {t: v.to(device) for t, v in targets.items()})[1])
+                total = losses * len(inputs) if total is None else total + losses * len(inputs)
+                count += len(inputs)
+        run.model.train()
+        if total is None:
+            raise InvalidOptionError(f"{self.name}: early stopping needs a validation split, "
+                                     "and it is empty")
+        return (total / count).detach().cpu()
+
+    def early_stop(self, run: TrainingRun) -> bool:
+        """After an epoch, with ``patience`` set: True once ``patience`` epochs in a row brought
+        no better validation score.
+
+        The score is scale-free, sum_t L_t / L_t^(1): each task's validation loss divided by
+        its value after the first epoch, so that a task whose loss is 10 times larger does not
+        decide alone (the paper's "no improvement in validation metrics during 10 epochs"
+        names no single metric). The best epoch's weights are kept in ``run.state`` (hence in
+        the checkpoints) and restored before the test metrics (``_restore_best``).
+        """
+        patience = run.config.get("patience")
+        if patience is None:
+            return False
+        losses = self.validation_losses(run)
+        state = run.state.setdefault("early_stopping", {})
+        if "first" not in state:
+            # A zero first loss (already perfect) counts as 1: its ratio is then the loss.
+            state["first"] = torch.where(losses > 0, losses, torch.ones_like(losses))
+        score = float((losses / state["first"]).sum())
+        epoch = run.epoch + 1
+        if "best_score" not in state or score < state["best_score"]:
+            state.update(best_score=score, best_epoch=epoch,
+                         best_weights={k: v.detach().clone()
+                                       for k, v in run.model.state_dict().items()})
+        state["epochs_run"] = epoch
+        return epoch - int(state["best_epoch"]) >= int(patience)
+
+    def _restore_best(self, run: TrainingRun) -> None:
+        """With early stopping: load the best epoch's weights and record when it stopped."""
+        state = run.state.get("early_stopping")
+        if not state or "best_weights" not in state:
+            return
+        run.model.load_state_dict(state["best_weights"])
+        run.statistics["best_epoch"] = int(state["best_epoch"])
+        run.statistics["epochs_run"] = int(state["epochs_run"])
+        run.statistics["best_validation_score"] = float(state["best_score"])
 
     def results(self, run: TrainingRun) -> dict[str, dict[str, float]]:
         """The metrics per split of the trained model (called without gradients)."""
@@ -463,11 +545,12 @@ class SupervisedProblem(Problem):
                         "monitor": monitor.state_dict(), "rng": rng_states()})
             if isinstance(method, EpochEnd):
                 method.end_epoch()
-            if self.end_of_epoch(run):
+            if self.end_of_epoch(run) | self.early_stop(run):  # both run: each keeps state
                 break
         bar.close()
         if rank != 0:  # rank 0 evaluates and reports for all: the models are the same
             return TrainResult({}, {}, data.note, model)
+        self._restore_best(run)
         with torch.no_grad():
             metrics = self.results(run)
         summary = monitor.summary()

@@ -22,6 +22,12 @@ MLP decoder to the 64 sigmoid pixels of the lower-right digit) in place of its t
 architecture settings are ``neutral``: at their defaults (sized for 2 CPU cores, not from the
 papers) earlier records keep their keys. Representation mode applies to conv, shared_bottom,
 mmoe and dselect_k only (CGC, PLE and cross-stitch have no representation every task reads).
+
+The paper's Table 3 protocol is available through the neutral ``TRAINING`` settings of
+``problems.base``: ``optimizer=sgd`` with ``momentum``, and ``patience`` (early stopping on the
+validation losses, the best epoch's weights restored for the test metrics); the learning-rate
+sweep is ``deconflict compare --grid lr=...`` (``experiments.tuning``). The defaults (Adam, a
+fixed number of epochs) are the earlier runs'.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from ..models import (
 from .base import (
     DATA,
     REPRESENTATION,
+    TRAINING,
     WEIGHT_DECAY,
     Data,
     Dataset,
@@ -111,6 +118,7 @@ def _schema(epochs: int, batch_size: int, pairs: float, smoke_pairs: float
                 low=0.0, high=1.0, open_high=True, neutral=True),
         REPRESENTATION,
         DATA,
+        *TRAINING,
     )
 
 
