@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from interrupt import KilledError, save_then_die
 from torch import nn
 
 import deconflict
@@ -550,17 +551,7 @@ def test_digits_architecture_killed_after_a_checkpoint_and_resumed_equals_uninte
     reference = record(tmp_path / "reference")
     stop_after = max(1, reference["statistics"]["steps"] // 2)
     real_save, saves = base.save_torch, []
-
-    class KilledError(Exception):
-        pass
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        saves.append(state["step"])
-        if len(saves) == stop_after:
-            raise KilledError
-
-    monkeypatch.setattr(base, "save_torch", save_then_die)
+    monkeypatch.setattr(base, "save_torch", save_then_die(real_save, stop_after, saves))
     killed = tmp_path / "killed"
     with pytest.raises(KilledError):
         run(killed, "--checkpoint-every", "1")

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from interrupt import KilledError, save_then_die
 
 from deconflict.cli import main
 from deconflict.errors import InvalidOptionError
@@ -19,10 +20,6 @@ from deconflict.experiments.problems import base, get_problem
 from deconflict.experiments.runner import MethodSpec
 
 CPU = torch.device("cpu")
-
-
-class _KilledError(Exception):
-    """Stands for the process dying right after a checkpoint was written."""
 
 
 def _train(problem, spec, config, checkpoint=None):
@@ -55,17 +52,10 @@ def test_killed_after_a_checkpoint_and_resumed_equals_uninterrupted(
     uninterrupted = _train(problem, spec, config)
 
     plan = base.Checkpointing(tmp_path / "run.ckpt", every)
-    saves = []
+    saves: list[int] = []
     real_save = base.save_torch
-
-    def save_then_die(path, data):
-        real_save(path, data)
-        saves.append(data["step"])
-        if len(saves) == stop_after:
-            raise _KilledError
-
-    monkeypatch.setattr(base, "save_torch", save_then_die)
-    with pytest.raises(_KilledError):
+    monkeypatch.setattr(base, "save_torch", save_then_die(real_save, stop_after, saves))
+    with pytest.raises(KilledError):
         _train(problem, spec, config, plan)
     monkeypatch.setattr(base, "save_torch", real_save)
     assert saves == [every * k for k in range(1, stop_after + 1)]

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from interrupt import KilledError, save_then_die
 from test_experiment_data import census_rows, write_census, write_mnist
 
 import deconflict
@@ -232,20 +233,10 @@ def test_early_stopping_state_survives_a_checkpoint_and_resume(stop_after, tmp_p
     assert uninterrupted.statistics["best_epoch"] < uninterrupted.statistics["epochs_run"] < 12
     assert uninterrupted.statistics["steps"] > 38
 
-    class KilledError(Exception):
-        pass
-
-    saves = []
+    saves: list[int] = []
     real_save = base.save_torch
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        saves.append(state["step"])
-        if len(saves) == stop_after:
-            raise KilledError
-
     plan = base.Checkpointing(tmp_path / "run.ckpt", 1)
-    monkeypatch.setattr(base, "save_torch", save_then_die)
+    monkeypatch.setattr(base, "save_torch", save_then_die(real_save, stop_after, saves))
     with pytest.raises(KilledError):
         problem.train(factory, config, 0, CPU, checkpoint=plan)
     monkeypatch.setattr(base, "save_torch", real_save)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from interrupt import KilledError, save_then_die
 from test_experiment_data import census_rows, write_census, write_mnist
 from test_nyuv2 import write_nyuv2
 
@@ -182,10 +183,6 @@ def test_problems_register_themselves():
 
 
 # --------------------------------------------------------------------- checkpoint and resume
-class _KilledError(Exception):
-    """Stands for the process dying right after a checkpoint was written."""
-
-
 def _run(name: str, out: Path, *extra: str) -> list[str]:
     # RLW draws its weights from the global RNG at every step: a resumed run that did not
     # restore the RNGs would differ.
@@ -217,20 +214,14 @@ def test_killed_after_a_checkpoint_and_resumed_equals_uninterrupted(name, data, 
     stop_after = max(1, steps // 2)
     saves: list[int] = []
     real_save = base.save_torch
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        saves.append(state["step"])
-        if len(saves) == stop_after:
-            raise _KilledError
-
+    die = save_then_die(real_save, stop_after, saves)
     # Wherever the problem's module writes its checkpoints from (the shared loop's or its own).
     writers = {module for module in (base, sys.modules[type(problem).__module__])
                if hasattr(module, "save_torch")}
     for module in writers:
-        monkeypatch.setattr(module, "save_torch", save_then_die)
+        monkeypatch.setattr(module, "save_torch", die)
     killed = tmp_path / "killed"
-    with pytest.raises(_KilledError):
+    with pytest.raises(KilledError):
         main(_run(name, killed, *every))
     for module in writers:
         monkeypatch.setattr(module, "save_torch", real_save)
