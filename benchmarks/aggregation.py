@@ -35,6 +35,12 @@ METHODS: list[tuple[str, tuple[str, dict], tuple[str, dict] | None, tuple[str, d
      ("CAGrad", {"calpha": 0.5, "rescale": 1})),
     ("UPGrad", ("upgrad", {}), ("UPGrad", {}), None),
     ("Nash-MTL", ("nash_mtl", {}), ("NashMTL", {"n_tasks": None}), None),
+    ("DualProj", ("dualproj", {}), ("DualProj", {}), None),
+    ("Aligned-MTL", ("aligned_mtl", {}), ("AlignedMTL", {}), None),
+    ("ConFIG", ("config", {}), ("ConFIG", {}), None),
+    ("FairGrad", ("fairgrad", {"alpha": 1.0}), ("FairGrad", {"alpha": 1.0}), None),
+    ("GradVac", ("gradvac", {"beta": 0.5}), ("GradVac", {"beta": 0.5}), None),
+    ("Mean", ("mean", {}), ("Mean", {}), None),
 ]
 
 

@@ -9,15 +9,19 @@ table gives the peak above the memory before the model existed - parameters, Ada
 gradients, activations and whatever the variant adds, as the operating system sees it (freed
 memory the allocator keeps counts) - and its ratio to the plain step's and to TorchJD's
 autogram engine's. Goals at T = 10: Gramian mode <= 0.6x autogram and <= 1.5x plain.
+"deconflict:gramian-sweeps" is Gramian mode on a trunk tracked with ``max_sweeps=4``.
 
     .venv/bin/python benchmarks/memory.py                       # about 10 minutes
     .venv/bin/python benchmarks/memory.py --workloads mlp       # the MLP only, ~4 minutes
+    .venv/bin/python benchmarks/memory.py --workloads cnn,transformer --mmap-threshold 65536
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -26,12 +30,22 @@ from typing import Any
 
 from _harness import banner, parser, save, setup, table
 
-VARIANTS = ["plain", "deconflict:sequential", "deconflict:batched", "deconflict:gramian",
+# "deconflict:gramian-sweeps": Gramian mode on a trunk tracked with max_sweeps=SWEEPS (the
+# layers' data swept in groups where it would exceed the plain step's memory; one weighted
+# backward pass for .grad).
+SWEPT = "deconflict:gramian-sweeps"
+SWEEPS = 4
+VARIANTS = ["plain", "deconflict:sequential", "deconflict:batched", "deconflict:gramian", SWEPT,
             "deconflict:auto-tracked", "deconflict:features", "torchjd", "torchjd:gramian",
             "torchjd:autogram", "libmtl"]
 # Variants of the CNN and Transformer rows (the others are measured on the MLP).
-LEAN_VARIANTS = ["plain", "deconflict:sequential", "deconflict:gramian",
+LEAN_VARIANTS = ["plain", "deconflict:sequential", "deconflict:gramian", SWEPT,
                  "deconflict:auto-tracked", "torchjd", "torchjd:autogram"]
+
+
+def _kind(kind: str) -> str:
+    """The step kind of ``_workload`` a variant runs."""
+    return "deconflict:gramian" if kind == SWEPT else kind
 
 
 def _status(field: str) -> int:
@@ -47,17 +61,23 @@ def child(kind: str, method: str, tasks: int, steps: int, architecture: str) -> 
     import torch
     from _workload import step
 
+    import deconflict
+
     torch.manual_seed(0)
     # Import and compile what the variant uses (same number of tasks, same layer types) on a
     # tiny model.
-    warm, _ = step(kind, method, tasks, architecture=architecture, small=True)
+    warm, warm_work = step(_kind(kind), method, tasks, architecture=architecture, small=True)
+    if kind == SWEPT:
+        deconflict.track(warm_work.trunk, max_sweeps=SWEEPS)
     for _ in range(2):
         warm()
-    del warm, _
+    del warm, warm_work
     with open("/proc/self/clear_refs", "w", encoding="utf-8") as handle:
         handle.write("5")  # reset VmHWM to the current resident size
     before = _status("VmRSS")
-    run, work = step(kind, method, tasks, architecture=architecture)
+    run, work = step(_kind(kind), method, tasks, architecture=architecture)
+    if kind == SWEPT:
+        deconflict.track(work.trunk, max_sweeps=SWEEPS)  # the step's tracker, option set
     for _ in range(steps):
         run()
     peak = _status("VmHWM")
@@ -71,19 +91,28 @@ def _measure(job: tuple[str, int, str, str], args: argparse.Namespace
     from _workload import available
 
     architecture, tasks, kind, method = job
-    why = available(kind, method, tasks, architecture)
+    why = available(_kind(kind), method, tasks, architecture)
     if why is not None:
         return None, why
     command = [sys.executable, __file__, "--child", kind, method, str(tasks), architecture,
                "--repeats", str(args.repeats)]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
-    if done.returncode != 0:
-        # A variant the library refuses for this model: its message, not a crash.
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        return None, (lines[-1] if lines else "failed")[:200]
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"], None
+    env = dict(os.environ)
+    if args.mmap_threshold is not None:
+        # glibc: a fixed threshold (no dynamic raise), so that freed large blocks go back to
+        # the system and the peak is closer to the memory the step really holds at once.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    peaks = []
+    for _ in range(max(1, args.runs)):
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent,
+                              env=env)
+        if done.returncode != 0:
+            # A variant the library refuses for this model: its message, not a crash.
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            return None, (lines[-1] if lines else "failed")[:200]
+        peaks.append(json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"])
+    return statistics.median(peaks), None
 
 
 def _fmt(value: float | None) -> str:
@@ -101,6 +130,14 @@ def main() -> None:
                    help="variants measured at the same time, each in its own process")
     p.add_argument("--lean", action="store_true",
                    help="the MLP with the CNN's and Transformer's variants only")
+    p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="run the variants with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (e.g. 65536: "
+                   "the allocator returns freed large blocks; default: the system's allocator "
+                   "as it is)")
+    p.add_argument("--runs", type=int, default=1,
+                   help="processes per variant, the median peak reported (default 1; the "
+                   "allocator's retained memory varies from process to process by up to "
+                   "10-20%% on the Transformer)")
     p.set_defaults(repeats=3)
     args = p.parse_args()
     setup(args)
@@ -163,8 +200,8 @@ def main() -> None:
         if row["why"]:
             print(f"  {row['workload']} T={row['T']} {row['variant']}: {row['why']}")
     for row in rows:
-        if row["variant"] == "deconflict:gramian" and row["T"] == 10 and row["peak_mb"]:
-            print(f"goal at T=10, {row['workload']}: Gramian mode / autogram = "
+        if row["variant"] in ("deconflict:gramian", SWEPT) and row["T"] == 10 and row["peak_mb"]:
+            print(f"goal at T=10, {row['workload']}, {row['variant']}: / autogram = "
                   f"{_fmt(row['vs_autogram'])} (<= 0.6), / plain = {_fmt(row['vs_plain'])} "
                   "(<= 1.5)")
     print(f"written: {save('memory', args, rows)}")

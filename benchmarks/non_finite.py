@@ -4,25 +4,28 @@ The workload is the step benchmark's (``_workload.py``: MLP trunk of 5.05M param
 batch 256, Adam). For each method and mode, these variants run in the same interleaved rounds:
 
 - plain: ``sum(losses).backward()`` and the optimizer step;
-- checked: ``deconflict.backward`` as shipped;
-- unchecked: the same with the checks that are not fused into another pass switched off (the
-  read of the new gradients, the task labelling of the graph and its hooks in the one-backward
-  pass of loss weighting, the copy of the method's state). The check fused into the Gramian
-  (a NaN in row i reaches M_ii) costs nothing and cannot be switched off;
-- probed: the checked step with a timer around each check, which reports the time each one
-  takes inside a real step (the gradients just computed, the graph just built);
+- checked: ``deconflict.backward`` as shipped, with a timer around each check, which reports
+  the time each one takes inside a real step (the gradients just computed, the graph just
+  built): the read of the new gradients, the labelling walk of the graph (loss weighting), the
+  registration and disarming of its hooks, the copy of the method's state;
+- unchecked: the same with the checks that are not fused into another pass switched off. The
+  check fused into the Gramian (a NaN in row i reaches M_ii) costs nothing and cannot be
+  switched off. What the step needs the graph for anyway stays, and is timed: the leaves and
+  whether each loss reaches a shared parameter (``_Unwatched``: one walk for the leaves, one
+  per loss), which the labelling walk answers too; the labels' own cost is the difference;
 - each check alone ("cold"), on tensors made once before the rounds: the read of a step's
-  gradients, the labelling walk and its hooks' registration, the hooks' work in the pass (each
-  task's gradient into the trunk output reduced to a sum), the copy of UW's state. Between two
-  calls the other candidates run, so these read memory that is no longer in cache.
+  gradients (all of them, or the heads' only), the labelling walk with its hooks'
+  registration, the walks without labels, the hooks' work in the pass (each task's gradient
+  into the trunk output reduced to a sum), the copy of UW's state. Between two calls the other
+  candidates run, so these read memory that is no longer in cache.
 
 The whole-step difference (checked - unchecked) / plain is within the noise of a busy machine;
-the parts are the precise measure: "parts / plain" sums the cold parts, "in step / plain" the
-probed ones (with the hooks' work in the pass taken from the cold measure: it runs inside
-autograd, where no timer can reach it).
+the parts are the precise measure: "cold parts / plain" sums the cold parts a case runs, "in
+step / plain" the timed ones (with the hooks' work in the pass taken from the cold measure: it
+runs inside autograd, where no timer can reach it).
 
     .venv/bin/python benchmarks/non_finite.py            # about 10 minutes on 2 busy cores
-    .venv/bin/python benchmarks/non_finite.py --quick    # T = 3, two variants
+    .venv/bin/python benchmarks/non_finite.py --quick    # T = 3, two cases
     .venv/bin/python benchmarks/non_finite.py --methods mean,uw   # loss weighting only
 """
 
@@ -34,7 +37,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from _harness import compare, parser, save, setup, table
+from _harness import banner, compare, parser, save, setup, table
 from _workload import step, workload
 
 import deconflict
@@ -43,16 +46,21 @@ from deconflict import engine, graph
 # (label, method name, options, mode)
 CASES = [("mean", "mean", {}, "sequential"), ("UW", "uw", {}, "sequential"),
          ("UPGrad", "upgrad", {}, "sequential"), ("UPGrad", "upgrad", {}, "gramian")]
-PARTS = ("read", "graph", "hooks", "state_copy")
+# Timed inside the steps: the checks of the checked step, and the walk the unchecked step
+# takes instead of the labelling one (the leaves and the connected losses).
+PARTS = ("read", "graph", "hooks", "state_copy", "walks")
 
 
 class _Unwatched:
-    """``graph.TaskGraph`` without the labels and hooks: just the leaves."""
+    """``graph.TaskGraph`` without the labels and hooks: what a step without the checks would
+    still walk the graph for (the leaves, and whether each loss reaches a shared parameter)."""
 
-    def __init__(self, roots: Any) -> None:
+    def __init__(self, roots: Any, shared: Any = ()) -> None:
         self.leaves = graph.leaves(roots)
+        self.disconnected = [task for task, root in enumerate(roots)
+                             if shared and not graph.reaches([root], shared)]
 
-    def watching(self) -> Any:
+    def watching(self, retain_graph: bool = False) -> Any:
         return nullcontext()
 
 
@@ -78,49 +86,43 @@ def _replaced(module: Any, **names: Any) -> Iterator[None]:
             setattr(module, name, value)
 
 
-@contextmanager
-def unchecked() -> Iterator[None]:
-    with _replaced(graph, TaskGraph=_Unwatched), _replaced(
-            engine, first_non_finite=lambda grads: None, _KeptState=_Unkept):
-        yield
+def _timed(part: str, times: dict[str, float], call: Callable[..., Any]) -> Callable[..., Any]:
+    def timed(*args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            times[part] += time.perf_counter() - start
+    return timed
 
 
 class Probe:
-    """Timers around each check of the checked step: seconds per part, per step."""
+    """Timers around each check of the checked step (and around the walk of the unchecked
+    one): seconds per part, per step."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
 
     @contextmanager
-    def installed(self) -> Iterator[None]:
+    def installed(self, checks: bool) -> Iterator[None]:
         times = dict.fromkeys(PARTS, 0.0)
         self.steps.append(times)
-        original_read, original_kept = engine.first_non_finite, engine._KeptState
-
-        def read(grads: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return original_read(grads)
-            finally:
-                times["read"] += time.perf_counter() - start
-
-        def kept(method: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return original_kept(method)
-            finally:
-                times["state_copy"] += time.perf_counter() - start
+        if not checks:
+            with _replaced(graph, TaskGraph=_timed("walks", times, _Unwatched)), _replaced(
+                    engine, first_non_finite=lambda grads: None, _KeptState=_Unkept):
+                yield
+            return
 
         class Timed(graph.TaskGraph):
-            def __init__(self, roots: Any) -> None:
+            def __init__(self, roots: Any, shared: Any = ()) -> None:
                 start = time.perf_counter()
-                super().__init__(roots)
+                super().__init__(roots, shared)
                 times["graph"] += time.perf_counter() - start
 
             @contextmanager
-            def watching(self) -> Iterator[None]:
+            def watching(self, retain_graph: bool = False) -> Iterator[None]:
                 start = time.perf_counter()
-                hooks = super().watching()
+                hooks = super().watching(retain_graph)
                 hooks.__enter__()
                 times["hooks"] += time.perf_counter() - start
                 try:
@@ -130,8 +132,9 @@ class Probe:
                     hooks.__exit__(None, None, None)
                     times["hooks"] += time.perf_counter() - start
 
-        with _replaced(graph, TaskGraph=Timed), _replaced(engine, first_non_finite=read,
-                                                          _KeptState=kept):
+        with _replaced(graph, TaskGraph=Timed), _replaced(
+                engine, first_non_finite=_timed("read", times, engine.first_non_finite),
+                _KeptState=_timed("state_copy", times, engine._KeptState)):
             yield
 
     def medians(self, skip: int) -> dict[str, float]:
@@ -139,8 +142,8 @@ class Probe:
         return {part: statistics.median(step[part] for step in timed) for part in PARTS}
 
 
-def deconflict_step(name: str, options: dict, mode: str, tasks: int,
-                    checks: bool | Probe) -> Callable[[], None]:
+def deconflict_step(name: str, options: dict, mode: str, tasks: int, checks: bool,
+                    probe: Probe | None = None) -> Callable[[], None]:
     work = workload(tasks)
     method = deconflict.get(name, **options)
     if mode == "gramian":
@@ -148,8 +151,8 @@ def deconflict_step(name: str, options: dict, mode: str, tasks: int,
 
     def run() -> None:
         work.optimizer.zero_grad(set_to_none=True)
-        context = (checks.installed() if isinstance(checks, Probe) else
-                   nullcontext() if checks else unchecked())
+        context = (probe.installed(checks) if probe is not None else
+                   nullcontext() if checks else _unchecked())
         with context:
             _, losses = work.forward()
             deconflict.backward(losses, work.trunk, method, mode=mode)
@@ -158,13 +161,22 @@ def deconflict_step(name: str, options: dict, mode: str, tasks: int,
     return run
 
 
+@contextmanager
+def _unchecked() -> Iterator[None]:
+    with _replaced(graph, TaskGraph=_Unwatched), _replaced(
+            engine, first_non_finite=lambda grads: None, _KeptState=_Unkept):
+        yield
+
+
 def components(tasks: int) -> dict[str, Callable[[], None]]:
     """Each check alone, on the workload's own gradients and graph, as candidates timed in the
     same rounds as the steps."""
     import torch
 
     work = workload(tasks)
-    params = [*work.trunk.parameters(), *work.heads.parameters()]
+    shared = {id(p) for p in work.trunk.parameters()}
+    heads = list(work.heads.parameters())
+    params = [*work.trunk.parameters(), *heads]
     z, losses = work.forward()
     grads = torch.autograd.grad(sum(losses), params, retain_graph=True)
     method = deconflict.get("uw")
@@ -172,7 +184,7 @@ def components(tasks: int) -> dict[str, Callable[[], None]]:
     flow = z.detach().clone()
 
     def labelled() -> None:
-        watched = graph.TaskGraph(losses)
+        watched = graph.TaskGraph(losses, shared)
         with watched.watching():
             pass
 
@@ -180,9 +192,11 @@ def components(tasks: int) -> dict[str, Callable[[], None]]:
         # The hooks' work in the pass: each task's gradient into the trunk output (z's shape)
         # reduced to a sum.
         for _ in range(tasks):
-            flow.sum(dtype=torch.float32)
+            flow.sum()
 
-    return {"read": lambda: engine.first_non_finite(grads), "graph": labelled, "hooks": hooks,
+    return {"read": lambda: engine.first_non_finite(grads),
+            "read_heads": lambda: engine.first_non_finite(grads[-len(heads):]),
+            "graph": labelled, "walks": lambda: _Unwatched(losses, shared), "hooks": hooks,
             "state_copy": lambda: engine._KeptState(method)}
 
 
@@ -202,25 +216,32 @@ def main() -> None:
     for tasks in task_counts:
         parts = components(tasks)
         for label, name, options, mode in cases:
-            probe = Probe()
+            checked, unchecked = Probe(), Probe()
             runs = {"plain": step("plain", None, tasks)[0],
-                    "checked": deconflict_step(name, options, mode, tasks, True),
-                    "unchecked": deconflict_step(name, options, mode, tasks, False),
-                    "probed": deconflict_step(name, options, mode, tasks, probe), **parts}
+                    "checked": deconflict_step(name, options, mode, tasks, True, checked),
+                    "unchecked": deconflict_step(name, options, mode, tasks, False, unchecked),
+                    **parts}
             medians = compare(runs, args.repeats, args.warmup)
-            in_step = probe.medians(skip=args.warmup)
-            ms = {f"{part}_ms": medians[part] * 1e3 for part in parts}
-            ms |= {f"{part}_in_step_ms": in_step[part] * 1e3 for part in PARTS}
+            in_step = checked.medians(skip=args.warmup)
+            # The labelling's own cost: its walk less the one the unchecked step takes anyway.
+            in_step["labels"] = in_step["graph"] - unchecked.medians(skip=args.warmup)["walks"]
+            medians["labels"] = medians["graph"] - medians["walks"]
+            ms = {f"{part}_ms": medians[part] * 1e3 for part in [*parts, "labels"]}
+            ms |= {f"{part}_in_step_ms": in_step[part] * 1e3
+                   for part in ("read", "labels", "hooks", "state_copy")}
+            ms["walks_in_step_ms"] = unchecked.medians(skip=args.warmup)["walks"] * 1e3
             # What each path runs: loss weighting all of it; gradient methods read the heads'
-            # gradient only (Gramian mode also the shared one), their other check is fused.
-            used = (["read", "graph", "hooks"] if name in ("mean", "uw") else
-                    ["read"] if mode == "gramian" else [])
-            used += ["state_copy"] if name == "uw" else []
-            # The hooks' work inside the pass is only measured cold (see the docstring).
-            in_step_total = sum(in_step[part] for part in used) + (
-                medians["hooks"] if "hooks" in used else 0.0)
+            # gradient (Gramian mode also the shared update), their other check is fused into
+            # the Gramian. The hooks' work inside the pass is only measured cold (see above).
+            weighted = name in ("mean", "uw")
+            read = "read" if weighted or mode == "gramian" else "read_heads"
+            cold = [read, *(["labels", "hooks"] if weighted else []),
+                    *(["state_copy"] if name == "uw" else [])]
+            in_step_total = (sum(in_step[part] for part in ("read", "state_copy"))
+                             + (in_step["labels"] + in_step["hooks"] + medians["hooks"]
+                                if weighted else 0.0))
             rows.append({"T": tasks, "method": label, "mode": mode, **ms,
-                         "components_of_plain": sum(medians[part] for part in used)
+                         "components_of_plain": sum(medians[part] for part in cold)
                          / medians["plain"],
                          "in_step_of_plain": in_step_total / medians["plain"],
                          "plain_ms": medians["plain"] * 1e3,
@@ -231,17 +252,20 @@ def main() -> None:
             print(f"T={tasks} {label} {mode}: {rows[-1]['cost_of_plain']:+.2%} of a plain step "
                   f"(parts {rows[-1]['components_of_plain']:.2%}, in step "
                   f"{rows[-1]['in_step_of_plain']:.2%})", flush=True)
+    print(banner())
     print(table(rows, [("T", "T"), ("method", "method"), ("mode", "mode"),
                        ("plain_ms", "plain ms"), ("checked_ms", "checked ms"),
                        ("unchecked_ms", "unchecked ms"),
                        ("cost_of_plain", "checks / plain step"), ("read_ms", "read ms"),
-                       ("graph_ms", "graph ms"), ("hooks_ms", "hooks ms"),
-                       ("state_copy_ms", "UW state ms"),
-                       ("components_of_plain", "parts / plain step")]))
+                       ("read_heads_ms", "heads' read ms"), ("labels_ms", "labels ms"),
+                       ("hooks_ms", "hooks' work ms"), ("state_copy_ms", "UW state ms"),
+                       ("components_of_plain", "cold parts / plain step")]))
     print(table(rows, [("T", "T"), ("method", "method"), ("mode", "mode"),
-                       ("read_in_step_ms", "read ms"), ("graph_in_step_ms", "graph ms"),
+                       ("plain_ms", "plain ms"), ("read_in_step_ms", "read ms"),
+                       ("labels_in_step_ms", "labels ms"),
+                       ("walks_in_step_ms", "walk anyway ms"),
                        ("hooks_in_step_ms", "hook (un)registration ms"),
-                       ("state_copy_in_step_ms", "UW state ms"),
+                       ("state_copy_in_step_ms", "state ms"),
                        ("in_step_of_plain", "in step / plain step")]))
     print(f"results: {save('non_finite', args, rows)}")
 

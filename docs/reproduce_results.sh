@@ -2,8 +2,9 @@
 # Every number in docs/results.md comes from these commands (run from the repository root after
 # `make test` or `make demo` created .venv). Runs are recorded under results/ and reused when
 # rerun with the same settings. Data: ../shared/datasets (or set DECONFLICT_DATA).
-# Time on 2 CPU cores: about 2 hours of runs (toy2d 11 min, xor-and 41 min, digits 20 min, multi-mnist
-# and Census-income the rest). Census-income runs a reduced protocol, 20 epochs x 3 seeds, not the
+# Time on 2 CPU cores: about 3 hours of runs (toy2d 11 min, xor-and 41 min, digits 20 min, the
+# tensioner paper's protocol block about 75 min on a shared AMD EPYC (XOR/AND six-rate grid 30,
+# digits five-rate grid 37, XOR/AND c = 1 grid the rest), multi-mnist and Census-income the rest). Census-income runs a reduced protocol, 20 epochs x 3 seeds, not the
 # paper's 200 epochs x 10 runs (about 42 CPU-minutes here; the paper's protocol would take about
 # a day on 2 cores): the commands for the full one are in its block, commented out.
 set -euo pipefail
@@ -36,34 +37,47 @@ $D compare multi-mnist --methods "$TENSIONER,gradops,gradops:alpha=-2" --seeds 1
     --quiet
 
 # The tensioner paper's protocol (issue 17 item 3; docs/results.md sections 2-4): per method the
-# best learning rate on the validation split. Reduced to what the shared 2-core machine ran in
-# about an hour (about 25 CPU-minutes of runs, at ~15% of a core each): XOR/AND at c = 10 and 1
-# with 2 seeds (paper: 50) over the paper's three largest rates; digits with SGD + patience 10 at
-# one rate (the paper's largest, 0.1), 3 seeds (paper: 10), one pair per digit image.
+# best learning rate on the validation split, SGD with momentum. Reduced to what the shared 2-core
+# machine ran in about an hour (AMD EPYC, 2026-12-02, loaded by three other jobs): XOR/AND at
+# c = 10 over the paper's six rates with 2 seeds (paper: 50; 96 runs, 30 minutes); digits with
+# SGD + patience 10 over the paper's five rates, 3 seeds (paper: 10), one pair per digit image
+# (90 runs, about 37 minutes, most of it the single-task baseline and central + tension). The
+# earlier runs kept in results.md (Intel Xeon, 2026-12-02): XOR/AND at c = 1 over the three
+# largest rates (2 seeds), and digits at the one rate 0.1 (3 seeds; its runs are a subset of the
+# five-rate grid's, so it costs nothing after it).
 TUNED=mean,mgda,tensioner:tension=false,tensioner:base=min_norm,tensioner,pcgrad,gradops:alpha=-2
-$D compare xor-and --methods "$TUNED" --seeds 2 --set scale=10 --grid lr=5e-3,1e-2,5e-2 \
-    --select converged,epochs --paired-with tensioner --name tuned_c10 --quiet
-$D compare digits --methods mean,mgda,tensioner:tension=false,tensioner:base=min_norm,tensioner \
-    --seeds 3 --set optimizer=sgd --set patience=10 --set epochs=100 --set pairs_per_image=1 \
-    --grid lr=0.1 --select accuracy_left,mse_right --select-rule mean_rank \
-    --paired-with single_task --name tuned_sgd --quiet
+$D compare xor-and --methods "$TUNED" --seeds 2 --set scale=10 --grid lr=5e-5,1e-4,1e-3,5e-3,1e-2,5e-2 \
+    --select converged,epochs --paired-with tensioner --name paper6_c10 --quiet
 $D compare xor-and --methods "$TUNED" --seeds 2 --set scale=1 --grid lr=5e-3,1e-2,5e-2 \
     --select converged,epochs --paired-with tensioner --name tuned_c1 --quiet
-# Not completed here (time): the grid over three rates on digits:
-# $D compare digits --methods mean,mgda,tensioner:tension=false,tensioner:base=min_norm,tensioner \
-#     --seeds 3 --set optimizer=sgd --set patience=10 --set epochs=100 --set pairs_per_image=1 \
-#     --grid lr=0.1,0.05,0.01 --select accuracy_left,mse_right --select-rule mean_rank \
-#     --paired-with single_task --name tuned_sgd3 --quiet
-# The paper's full protocol (50 seeds and all six rates on XOR/AND; 10 seeds, five rates and no
-# epoch cap on MNIST pairs; several CPU-hours):
+SGD="--set optimizer=sgd --set patience=10 --set epochs=100 --set pairs_per_image=1"
+$D compare digits --methods mean,mgda,tensioner:tension=false,tensioner:base=min_norm,tensioner \
+    --seeds 3 $SGD --grid lr=0.1,0.05,0.01,5e-3,1e-3 --select accuracy_left,mse_right \
+    --select-rule mean_rank --paired-with single_task --name tuned_sgd5 --quiet
+$D compare digits --methods mean,mgda,tensioner:tension=false,tensioner:base=min_norm,tensioner \
+    --seeds 3 $SGD --grid lr=0.1 --select accuracy_left,mse_right --select-rule mean_rank \
+    --paired-with single_task --name tuned_sgd --quiet
+# min-norm from initial weights drawn by the seed (the paper's "different seed value"):
+$D compare xor-and --methods mgda --seeds 4 --set scale=10 --set init_seed=none --grid lr=1e-2,5e-2 \
+    --select converged,epochs --no-baseline --name mgda_free_init_c10 --quiet
+# Not run here (time): c = 1 over the six rates, and multi-mnist under SGD:
+# $D compare xor-and --methods "$TUNED" --seeds 2 --set scale=1 --grid lr=5e-5,1e-4,1e-3,5e-3,1e-2,5e-2 \
+#     --select converged,epochs --paired-with tensioner --name paper6_c1 --quiet
+# The paper's full protocol (50 seeds and all six rates on XOR/AND, about 20 CPU-hours here;
+# 10 seeds, five rates and no epoch cap on MNIST pairs, several CPU-hours more):
 # for c in 10 1; do
 #     $D compare xor-and --methods "$TUNED" --seeds 50 --set scale=$c \
-#         --grid lr=5e-5,1e-4,5e-3,1e-3,5e-2,1e-2 --select converged,epochs --name paper_c$c --quiet
+#         --grid lr=5e-5,1e-4,1e-3,5e-3,1e-2,5e-2 --select converged,epochs \
+#         --paired-with tensioner --name paper_c$c --quiet
 # done
+# $D compare digits --methods mean,mgda,tensioner:tension=false,tensioner:base=min_norm,tensioner \
+#     --seeds 10 --set optimizer=sgd --set patience=10 --set epochs=1000 --set pairs_per_image=1 \
+#     --grid lr=1e-3,5e-3,1e-2,5e-2,1e-1 --select accuracy_left,mse_right --select-rule mean_rank \
+#     --paired-with single_task --name paper_sgd --quiet
 # $D compare multi-mnist --methods mean,mgda,tensioner:tension=false,tensioner:base=min_norm,tensioner,gradops \
 #     --seeds 10 --set optimizer=sgd --set patience=10 --set epochs=1000 \
 #     --grid lr=1e-3,5e-3,1e-2,5e-2,1e-1 --select accuracy_left,mse_right --select-rule mean_rank \
-#     --data "$DATA" --name paper_sgd --quiet
+#     --paired-with single_task --data "$DATA" --name paper_sgd --quiet
 
 # Census-income (GradOPS Section 4.1 and Appendix C; docs/results.md section 5), reduced
 # protocol: 20 epochs (paper: 200), seeds 0-2 (paper: 10 runs), our split of the test file.

@@ -73,3 +73,14 @@ def test_gpu_check_passes_on_the_true_update_and_fails_on_a_perturbed_one() -> N
     wrong[index] *= 1 + 1e-4
     with pytest.raises(gpu.CheckFailedError, match=rf"\.grad\[{index}\]"):
         gpu.check_update("mlp", wrong, record.weights, J32, ref, u, work.trunk)
+
+
+def test_gramian_sweeps_script_runs_and_sweeps(tmp_path: Path) -> None:
+    """gramian_sweeps.py at toy size: every variant steps and the result is written."""
+    out = tmp_path / "sweeps.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gramian_sweeps.py"), "--quick", "--workloads", "cnn",
+         "--tasks", "3", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=BENCHMARKS)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.exists() and "swept / autogram" in done.stdout

@@ -42,7 +42,9 @@ class Trunk(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.embed = nn.Embedding(20, 8)
+        # 48 rows for 6 x 7 = 42 positions looked up: the embedding rule holds less than the
+        # table's per-task gradients (tracking._delta_rule), so the Delta rule is exercised.
+        self.embed = nn.Embedding(48, 8)
         self.conv = nn.Conv1d(8, 6, 3, padding=1)
         self.norm = nn.LayerNorm(6)
         self.mix = nn.Linear(6, 5)

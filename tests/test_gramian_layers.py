@@ -1,10 +1,11 @@
 """Gramian-only mode on every layer type: M = J J^T and .grad equal to the sequential mode's.
 
 Generated over a table of layers (Linear with and without bias, on 3-D inputs, by either rule;
-Conv1d/Conv2d with groups, stride, padding and dilation; Embedding with a padding index and
-repeated indices; LayerNorm, GroupNorm, BatchNorm; MultiheadAttention batch-first or not, with
-and without bias, with kdim/vdim; TransformerEncoderLayer; a child module whose parameters its
-parent uses functionally; a recurrent normalization layer). Each case is checked for:
+Conv1d/Conv2d with groups, stride, padding and dilation, Conv2d by either rule, a small VGG-like
+trunk; Embedding with a padding index and repeated indices; LayerNorm, GroupNorm, BatchNorm;
+MultiheadAttention batch-first or not, with and without bias, with kdim/vdim;
+TransformerEncoderLayer; a child module whose parameters its parent uses functionally; a
+recurrent normalization layer). Each case is checked for:
 
 - the Gramian against J J^T of the float64 Jacobian formed by one autograd pass per task;
 - ``.grad`` against the sequential mode's, for several methods;
@@ -95,9 +96,9 @@ class Encoder(nn.Module):
 
 
 class Lookup(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, vocabulary: int) -> None:
         super().__init__()
-        self.embed = nn.Embedding(10, 4, padding_idx=0)
+        self.embed = nn.Embedding(vocabulary, 4, padding_idx=0)
         self.mix = nn.Linear(4, 4)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,26 @@ CASES: dict[str, Case] = {
     "conv2d": Case(lambda: sequential(nn.Conv2d(4, 6, 3, stride=(2, 1), padding=1,
                                                 dilation=(1, 2), groups=2), nn.Tanh()),
                    (BATCH, 4, 6, 6), {"0": "jacobian"}),
-    "embedding": Case(Lookup, None, {"embed": "embedding", "mix": "jacobian"}),
+    # Many channels at low resolution: the kernel rule on the patches (choose_linear_rule's
+    # counts with N L rows of C k_h k_w inputs); stride, padding and dilation per dimension.
+    "conv2d-kernel": Case(lambda: sequential(nn.Conv2d(32, 16, 3, stride=2, padding=1),
+                                             nn.Tanh()), (BATCH, 32, 4, 4), {"0": "kernel"}),
+    "conv2d-kernel-dilated": Case(
+        lambda: sequential(nn.Conv2d(32, 16, (3, 2), stride=(1, 2), padding=(1, 1),
+                                     dilation=(2, 1), bias=False), nn.Tanh(),
+                           nn.Conv2d(16, 32, (1, 2), padding="valid"), nn.Tanh()),
+        (BATCH, 32, 3, 3), {"0": "kernel", "2": "kernel"}),
+    # A small VGG-like trunk: the Jacobian rule at full resolution, the kernel rule after the
+    # poolings.
+    "cnn": Case(lambda: sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                   nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                   nn.Conv2d(8, 48, 3, padding=1), nn.Tanh()),
+                (BATCH, 3, 8, 8), {"0": "jacobian", "3": "jacobian", "6": "kernel"}),
+    # BATCH x 5 = 30 positions: the Delta rule holds less than the table's gradients for a
+    # table of 40 rows, more for one of 10.
+    "embedding": Case(lambda: Lookup(40), None, {"embed": "embedding", "mix": "jacobian"}),
+    "embedding-short-vocabulary": Case(lambda: Lookup(10), None,
+                                       {"embed": "jacobian", "mix": "jacobian"}),
     "layernorm": Case(lambda: sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh()),
                       (BATCH, 5), {"1": "jacobian"}),
     "groupnorm": Case(lambda: sequential(nn.Conv1d(4, 6, 3), nn.GroupNorm(3, 6), nn.Tanh()),

@@ -240,3 +240,44 @@ def test_the_lean_path_of_aggregate_equals_the_general_one():
         assert torch.equal(lean, general), name
         checked += 1
     assert checked >= 20
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("side", [-1, 1])
+def test_small_gramians_on_both_sides_of_the_direct_pass(rows, side):
+    """Up to 4 rows below ``_PARALLEL_ELEMENTS`` the Gramian is one direct pass
+    (``_small_gramian``), above it the tiled kernel: both within gamma_n of the exact sums, as
+    whole blocks, as separate rows and as the rows of a wider matrix (not contiguous as a
+    block, each row contiguous)."""
+    columns = kernels._PARALLEL_ELEMENTS // rows + side * 7
+    generator = torch.Generator().manual_seed(rows * 10 + side)
+    wide = torch.randn(rows, columns + 5, generator=generator)
+    J = wide[:, :columns].contiguous()
+    exact = exact_products(J, J)
+    for layout in (J, list(J.unbind(0)), wide[:, :columns]):
+        M = torch.zeros(rows, rows, dtype=torch.float64)
+        kernels.gramian_into(layout, M)
+        assert relative_error(M.numpy(), exact, J, J) <= 1
+        assert torch.equal(M, M.T)
+    array = kernels.compiled_matrix(J)
+    assert array is not None
+    assert relative_error(kernels.matrix_gramian(array), exact, J, J) <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+def test_small_gramians_of_every_dtype(dtype, bad):
+    """3 rows of every dtype: float64 through the direct pass, half precision through the torch
+    path; a NaN or infinity reaches its row's diagonal entry."""
+    generator = torch.Generator().manual_seed(5)
+    J = torch.randn(3, 1001, generator=generator).to(dtype)
+    if bad is not None:
+        J[2, 500] = bad
+    M = torch.zeros(3, 3, dtype=torch.float64)
+    kernels.gramian_into(J, M)
+    if bad is not None:
+        assert not bool(torch.isfinite(M[2, 2])) and bool(torch.isfinite(M[0, 1]))
+        return
+    exact = exact_products(J.double(), J.double()) if dtype != torch.float64 else (
+        exact_products(J, J))
+    assert relative_error(M.numpy(), exact, J.double(), J.double()) <= 1

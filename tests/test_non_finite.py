@@ -218,3 +218,12 @@ def test_task_labels_match_reachability_on_varied_graphs(seed):
     leaves = {id(node.variable): task for node, task in owner.items() if hasattr(node, "variable")}
     assert {id(leaf) for leaf in labelled.leaves} == set(leaves)
     assert labelled._leaf_owner == leaves
+    # The same walk finds the losses that reach none of the shared leaves: each leaf alone, and
+    # a random half of them.
+    picks = torch.randint(0, 2, (len(labelled.leaves),), generator=generator).tolist()
+    subsets = [{id(leaf)} for leaf in labelled.leaves]
+    subsets.append({id(leaf) for leaf, pick in zip(labelled.leaves, picks, strict=True) if pick})
+    for shared in subsets:
+        expected_disconnected = [task for task, root in enumerate(roots)
+                                 if not graph.reaches([root], shared)]
+        assert graph.TaskGraph(roots, shared).disconnected == expected_disconnected

@@ -79,7 +79,9 @@ from .finite import NonFinite, first_non_finite
 from .gramian import gramian_of_blocks
 from .jacobian import task_jacobian
 from .kernels import Rows
+from .methods._task_parameters import ADAM, TaskParameters
 from .methods.base import GramianWeighting, JacobianAggregator, LossWeighting, Method
+from .methods.state import ARRAY, ARRAYS, GENERATOR, NUMBER, Codec
 from .plan import MODES, HeadWeights, Mode, StepPlan, plan_step
 from .record import StepRecord
 from .resolve import resolve_method
@@ -273,12 +275,21 @@ class _WeightedPass(_Source):
     """
 
     layer_gramian: Tensor | None = None
+    labelled: graph.TaskGraph
 
     def gradients(self) -> NonFinite | None:
         """Nothing but the losses, or for GradNorm the last shared layer's Gramian (cheap:
-        per-task gradients through the heads only)."""
+        per-task gradients through the heads only). The graph's one walk (the leaves, the
+        losses that reach no shared parameter, the task labels) is taken here."""
         step = self.step
-        _check_connected(self.rows, step, combination=False)
+        if step.features is None:
+            self.labelled = graph.TaskGraph(self.rows, step.shared_ids)
+            if self.labelled.disconnected:
+                raise DisconnectedLossError(f"loss {self.labelled.disconnected[0]} does not "
+                                            "depend on any shared parameter")
+        else:  # connected to the features, a question of nodes, not of leaves
+            _check_connected(self.rows, step, combination=False)
+            self.labelled = graph.TaskGraph(self.rows)
         if not self.plan.last_layer:
             return None
         last = [(name, p) for name, p, layer in step.shared if layer == step.shared[-1][2]]
@@ -304,8 +315,8 @@ class _WeightedPass(_Source):
 
     def write(self) -> StepRecord | NonFinite:
         total = _weighted_sum(self.c.tolist(), self.rows)
-        labelled = graph.TaskGraph(self.rows)
-        with labelled.watching():
+        labelled = self.labelled
+        with labelled.watching(self.plan.retain_graph):
             grads = torch.autograd.grad(total, labelled.leaves, allow_unused=True,
                                         retain_graph=self.plan.retain_graph)
         bad = first_non_finite(grads)
@@ -436,8 +447,11 @@ class _TrackedGramian(_Source):
             return _culprit(self.rows, self.reached, names) or tracked
         self.tracked = tracked
         self.M, self.by_layer = tracked.M, tracked.by_layer
+        # After several sweeps the update is a backward pass (``tracking.sweep_groups``): the
+        # head pass keeps the graph for it.
         self.head_pass = _Heads(plan, self.rows, self.values, self.heads,
-                                retain=plan.retain_graph or not plan.heads_first)
+                                retain=plan.retain_graph or not plan.heads_first
+                                or tracked.needs_graph)
         self.head_grads = self.head_pass.gradients(None) if plan.heads_first else None
         return self.head_grads if isinstance(self.head_grads, NonFinite) else None
 
@@ -454,7 +468,7 @@ class _TrackedGramian(_Source):
                       else self.head_pass.gradients(self.c))
         if isinstance(head_grads, NonFinite):
             return head_grads
-        shared_grads = self.tracked.update(self.r)
+        shared_grads = self.tracked.update(self.r, retain_graph=self.plan.retain_graph)
         self.tracked.release()
         bad = first_non_finite(shared_grads)
         if bad is not None:
@@ -583,7 +597,12 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Non
     for param, grad in zip(params, grads, strict=True):
         if grad is None:
             continue
-        grad = grad.detach().to(param.dtype)
+        # (Each a no-op for the usual gradient, and tested first: a call costs a microsecond
+        # per parameter, and a model with many tasks has many small heads.)
+        if grad.requires_grad:
+            grad = grad.detach()
+        if grad.dtype != param.dtype:
+            grad = grad.to(param.dtype)
         if param.grad is not None:
             param.grad.add_(grad)
         elif grad.is_contiguous():
@@ -616,20 +635,82 @@ def _skipped(plan: StepPlan, step: _Inputs, values: Tensor, finding: NonFinite,
 class _KeptState:
     """The method's state before the step, to put back if the step fails or is skipped.
 
-    ``state_dict()`` is a snapshot (it aliases nothing live), so it is kept as it is. Stateless
-    methods (nothing in ``STATE``) have nothing to keep. Jacobian methods are not copied
-    (DB-MTL's state is as large as the gradients): every gradient they see is checked before
-    they run.
+    Every step of a stateful method pays for this copy, so the common kinds of state are copied
+    directly, each as cheaply as it allows: numbers as they are (immutable), float64 arrays and
+    histories of them as NumPy copies, a private generator as its state, and the learnable task
+    weights of UW, IMTL-L, FAMO and GradNorm as clones of their tensor and Adam moments, put
+    back in place. A method with any other kind of state is kept by ``state_dict()``, a
+    generic snapshot that aliases nothing live (several times slower: it packs the optimizer's
+    state). Stateless methods (nothing in ``STATE``) have nothing to keep. Jacobian methods are
+    not copied (DB-MTL's state is as large as the gradients): every gradient they see is
+    checked before they run.
     """
 
     def __init__(self, method: Method) -> None:
         self.method = method
-        self.state = (None if isinstance(method, JacobianAggregator) or not method.STATE
-                      else method.state_dict())
+        self.state: dict[str, Any] | None = None
+        self.fields: list[tuple[str, Codec, Any]] | None = None
+        if isinstance(method, JacobianAggregator) or not method.STATE:
+            return
+        if all(id(field.codec) in _DIRECT for field in method.STATE):
+            self.fields = [(field.attribute, field.codec,
+                            _snapshot(field.codec, getattr(method, field.attribute)))
+                           for field in method.STATE]
+        else:
+            self.state = method.state_dict()
 
     def restore(self) -> None:
         if self.state is not None:
             self.method.load_state_dict(self.state)
+        for attribute, codec, saved in self.fields or ():
+            setattr(self.method, attribute, _put_back(codec, saved))
+
+
+# The kinds of state ``_KeptState`` copies directly (``_snapshot``, ``_put_back``), by identity.
+_DIRECT = {id(codec) for codec in (NUMBER, ARRAY, ARRAYS, GENERATOR, ADAM)}
+
+
+def _snapshot(codec: Codec, value: Any) -> Any:
+    """A copy of one state value that nothing live aliases (``_put_back`` restores it)."""
+    if value is None or codec is NUMBER:
+        return value
+    if codec is ARRAY:
+        return np.array(value, copy=True)
+    if codec is ARRAYS:
+        return [np.array(item, copy=True) for item in value]
+    if codec is GENERATOR:
+        return value, value.get_state()
+    assert codec is ADAM and isinstance(value, TaskParameters)
+    moments = value.optimizer.state.get(value.tensor, {})
+    return value, value.tensor.detach().clone(), _cloned_entries(moments)
+
+
+def _put_back(codec: Codec, saved: Any) -> Any:
+    """The value to set for a ``_snapshot``; copies again, so that the snapshot stays intact
+    (the live value is changed in place: the generator, the task weights' tensor)."""
+    if saved is None or codec is NUMBER:
+        return saved
+    if codec is ARRAY:
+        return saved.copy()
+    if codec is ARRAYS:
+        return [item.copy() for item in saved]
+    if codec is GENERATOR:
+        generator, generator_state = saved
+        generator.set_state(generator_state)
+        return generator
+    parameters, values, moments = saved
+    with torch.no_grad():
+        parameters.tensor.copy_(values)
+    if moments:
+        parameters.optimizer.state[parameters.tensor] = _cloned_entries(moments)
+    else:  # no Adam step had been taken: none is recorded
+        parameters.optimizer.state.pop(parameters.tensor, None)
+    return parameters
+
+
+def _cloned_entries(entries: dict[str, Any]) -> dict[str, Any]:
+    return {key: value.clone() if isinstance(value, Tensor) else value
+            for key, value in entries.items()}
 
 
 @contextmanager

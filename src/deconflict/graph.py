@@ -2,15 +2,16 @@
 
 An autograd graph is a DAG of nodes (``tensor.grad_fn``); a leaf tensor that requires grad is
 reached through its ``AccumulateGrad`` node, whose ``variable`` is the leaf. Three questions are
-asked of it, all answered by ``nodes`` (each node reached once, depth first, never past a
-``stop`` node):
+asked of it, the first two answered by ``nodes`` (each node reached once, depth first, never
+past a ``stop`` node):
 
 - ``leaves``: the leaf tensors the losses reach (the parameters that get a gradient: the
   shared ones and the task heads), optionally not crossing given nodes (the features);
 - ``reaches``: whether a loss depends on given leaves or nodes (a disconnected loss, a
   recurrent layer in Gramian mode), stopping at the first hit;
 - ``TaskGraph``: which task owns each node, to name the task at fault after one backward pass
-  of sum_i c_i L_i (``docs/methods.md#non-finite``).
+  of sum_i c_i L_i (``docs/methods.md#non-finite``); its one walk also finds the leaves and
+  the losses that reach no shared parameter, which loss weighting would otherwise walk for.
 """
 
 from __future__ import annotations
@@ -25,6 +26,28 @@ from torch import Tensor
 from .finite import NonFinite
 
 Node = Any  # torch.autograd.graph.Node; its Python type is not public
+
+
+# The node type of a leaf that requires grad (it holds the leaf as ``variable``). Telling it by
+# type costs a pointer comparison; ``getattr(node, "variable", None)`` raises and catches an
+# AttributeError inside autograd's wrapper for every other node.
+def _accumulate_type() -> Any:
+    known = getattr(torch._C._functions, "AccumulateGrad", None)
+    if known is not None:
+        return known
+    # Made, whatever grad mode the import runs in.
+    with torch.inference_mode(False), torch.enable_grad():
+        view = torch.empty(0, requires_grad=True).view(0)
+    assert view.grad_fn is not None  # a view of a leaf that requires grad
+    return type(view.grad_fn.next_functions[0][0])
+
+
+_ACCUMULATE = _accumulate_type()
+
+
+def _variable(node: Node) -> Tensor | None:
+    """The leaf of an ``AccumulateGrad`` node, None for any other node."""
+    return node.variable if type(node) is _ACCUMULATE else None
 
 
 def nodes(starts: Iterable[Node | None], stop: Collection[Node] = ()) -> Iterator[Node]:
@@ -60,7 +83,7 @@ def leaves(roots: Sequence[Tensor], stop: Collection[Node] = ()) -> list[Tensor]
         if root.grad_fn is None and root.requires_grad:
             found.setdefault(id(root), root)
     for node in nodes((root.grad_fn for root in roots), stop):
-        variable = getattr(node, "variable", None)
+        variable = _variable(node)
         if variable is not None:
             found.setdefault(id(variable), variable)
     return list(found.values())
@@ -89,7 +112,7 @@ def reaches(
     for node in nodes(roots):
         if node in targets:
             return True
-        variable = getattr(node, "variable", None)
+        variable = _variable(node)
         if variable is not None and id(variable) in leaf_ids:
             return True
     return False
@@ -99,16 +122,43 @@ _SHARED = -1
 _WIDE = (torch.float32, torch.float64)
 
 
+def _reaches_leaf(start: Node, leaf_ids: Collection[int],
+                  children: dict[Node, list[Node | None]], known: dict[Node, bool]) -> bool:
+    """Whether one of the leaves (by id) lies at or below ``start``, from the children a walk
+    already read. ``known`` carries over between calls: True for a start found to reach one,
+    False for every node explored to the bottom without finding one (so no node is explored
+    twice in a negative answer)."""
+    seen: set[Node] = set()
+    pending: list[Node | None] = [start]
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        state = known.get(node)
+        if state is False:
+            continue
+        if state or (type(node) is _ACCUMULATE and id(node.variable) in leaf_ids):
+            known[start] = True
+            return True
+        seen.add(node)
+        pending += children[node]
+    known.update(dict.fromkeys(seen, False))
+    return False
+
+
 class TaskGraph:
     """The losses' autograd graph, each node labelled with the one task that reaches it (or
     shared), to name the task at fault after a single backward pass of sum_i c_i L_i.
 
-    The labels take one walk of the graph (each node's children are read once), and a second
-    one, over the children already read, below the nodes where two tasks meet. The "frontier"
-    of task i are its own nodes with a shared input: the gradient they send is task i's
-    contribution c_i dL_i/dz to the shared part. During the pass (``watching``), each frontier
-    node's outgoing gradient is reduced to a sum, kept as a tensor and read only if the pass
-    produced a non-finite gradient.
+    One walk of the graph does what the step needs anyway, the leaves (the parameters that get
+    a gradient) and, given the shared parameters' ids, which tasks reach none of them
+    (``disconnected``), and labels each node on the way: each task's walk stops at the nodes
+    an earlier task reached (they are shared), and a second walk, over the children already
+    read, marks everything below those meeting points shared. The "frontier" of task i are its
+    own nodes with a shared input: the gradient they send is task i's contribution
+    c_i dL_i/dz to the shared part. During the pass (``watching``), each frontier node's
+    outgoing gradient is reduced to a sum, kept as a tensor and read only if the pass produced
+    a non-finite gradient.
 
     >>> import torch
     >>> z = torch.ones(3, requires_grad=True) * 2           # shared
@@ -118,47 +168,66 @@ class TaskGraph:
     (3, 2)
     """
 
-    def __init__(self, roots: Sequence[Tensor]) -> None:
+    def __init__(self, roots: Sequence[Tensor], shared: Collection[int] = ()) -> None:
         owner: dict[Node, int] = {}
+        # The children of each node (None where an input needs no gradient), read once:
+        # next_functions builds new tuples at every read. A leaf's node has none.
+        children: dict[Node, list[Node | None]] = {}
         leaf_owner: dict[int, int] = {}
         self.leaves: list[Tensor] = []
-        # The children of each node, read once: next_functions builds new tuples at every read.
-        children: dict[Node, list[Node | None]] = {}
-        # First each task's walk, down to the nodes an earlier task reached: those are shared
-        # and not entered again. Then everything below a shared node is shared (a second walk
-        # over the children already read, with no call into autograd).
-        meeting: list[Node] = []
+        leaf_nodes: list[Node] = []
+        reaches_shared = [False] * len(roots)
+        met: list[list[Node]] = []  # per task: the nodes its walk found another task's
+        meeting: list[Node] = []  # the nodes first found by a second task
         for task, root in enumerate(roots):
             if root.grad_fn is None and root.requires_grad:
                 self._add_leaf(root, task, leaf_owner)
-            pending = [] if root.grad_fn is None else [root.grad_fn]
+                reaches_shared[task] = id(root) in shared
+            found: list[Node] = []
+            pending: list[Node | None] = [root.grad_fn]
             while pending:
                 node = pending.pop()
+                if node is None:
+                    continue
                 current = owner.get(node)
                 if current is None:
                     owner[node] = task
-                    below = children[node] = [child for child, _ in node.next_functions]
-                    pending += [child for child in below if child is not None]
-                elif current != task and current != _SHARED:
-                    owner[node] = _SHARED
-                    meeting.append(node)
-        pending = [child for node in meeting for child in children[node] if child is not None]
+                    if type(node) is _ACCUMULATE:
+                        children[node] = []
+                        leaf_nodes.append(node)
+                        if id(node.variable) in shared:
+                            reaches_shared[task] = True
+                    else:
+                        below = children[node] = [child for child, _ in node.next_functions]
+                        pending += below
+                elif current != task:
+                    found.append(node)
+                    if current != _SHARED:
+                        owner[node] = _SHARED
+                        meeting.append(node)
+            met.append(found)
+        # Everything below a meeting point is shared (no call into autograd: children known).
+        shared_nodes = set(meeting)
+        pending = [child for node in meeting for child in children[node]]
         while pending:
             node = pending.pop()
-            if owner[node] != _SHARED:
+            if node is not None and owner[node] != _SHARED:
                 owner[node] = _SHARED
-                pending += [child for child in children[node] if child is not None]
-        # (node, task, the indices of its inputs that are shared)
-        self.frontier: list[tuple[Node, int, list[int]]] = []
-        for node, task in owner.items():
-            variable = getattr(node, "variable", None)
-            if variable is not None:
-                self._add_leaf(variable, task, leaf_owner)
-            elif task != _SHARED:
-                edges = [k for k, child in enumerate(children[node])
-                         if child is not None and owner.get(child) == _SHARED]
-                if edges:
-                    self.frontier.append((node, task, edges))
+                shared_nodes.add(node)
+                pending += children[node]
+        for node in leaf_nodes:
+            self._add_leaf(node.variable, owner[node], leaf_owner)
+        # (node, task, the indices of its inputs that are shared); most nodes have no shared
+        # input, which one set operation tells.
+        self.frontier: list[tuple[Node, int, list[int]]] = [
+            (node, task, [k for k, child in enumerate(children[node]) if child in shared_nodes])
+            for node, task in owner.items()
+            if task != _SHARED and not shared_nodes.isdisjoint(children[node])]
+        # A task reaches what it labelled and what lies below the nodes it found labelled.
+        known: dict[Node, bool] = {}
+        self.disconnected: list[int] = [
+            task for task, found in enumerate(met) if shared and not reaches_shared[task]
+            and not any(_reaches_leaf(node, shared, children, known) for node in found)]
         self._leaf_owner = leaf_owner
         self._flows: list[tuple[int, Tensor]] = []
 
@@ -170,12 +239,20 @@ class TaskGraph:
             leaf_owner[id(leaf)] = _SHARED
 
     @contextmanager
-    def watching(self) -> Iterator[None]:
-        """Record each frontier node's outgoing gradient (as its sum) during a backward pass."""
+    def watching(self, retain_graph: bool = False) -> Iterator[None]:
+        """Record each frontier node's outgoing gradient (as its sum) during a backward pass.
+
+        Afterwards the hooks are disarmed (one flag), and removed only if the graph is
+        retained for another pass: otherwise they go with the graph (a node that saved no
+        tensor may still run again, and then its disarmed hook returns at once).
+        """
         flows = self._flows
+        armed = [True]
 
         def hook(task: int, edges: list[int]) -> Any:
             def record(grad_inputs: Any, grad_outputs: Any) -> None:
+                if not armed[0]:
+                    return
                 for k in edges:
                     grad = grad_inputs[k]
                     if grad is not None:
@@ -189,8 +266,10 @@ class TaskGraph:
         try:
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            armed[0] = False
+            if retain_graph:
+                for handle in handles:
+                    handle.remove()
 
     def culprit(self, leaf: Tensor, names: dict[int, str]) -> NonFinite:
         """What is wrong, for a non-finite gradient of ``leaf`` found after the pass."""

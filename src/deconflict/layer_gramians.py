@@ -12,6 +12,10 @@ update J^T r, without a second backward pass through the trunk:
   (the kernel trick: ~N^2 (n_in + R n_out) float64 operations instead of R N n_in n_out), and
   <b_i, b_j> = <sum_n Delta_i[n], sum_n Delta_j[n]>. The update is
   W: (sum_i r_i Delta_i)^T X, b: sum_n (sum_i r_i Delta_i)[n] - one GEMM per layer.
+- ``ConvKernelRule`` (``nn.Conv2d`` with groups 1 and zero padding): the same with X = U, the
+  input's patches (N L x C k_h k_w for L output positions; ``F.unfold``) and Delta_i arranged
+  as N L x C_out: the weight gradient is G_i = Delta_i^T U. Chosen by the same count, it wins
+  at low resolution with many channels (the last layers of a VGG-like trunk).
 - ``EmbeddingRule`` (``nn.Embedding``, y = E[idx]): G_i is Delta_i scattered into the rows idx,
   so with S_i[u] = sum over the positions of index u of Delta_i (u over the distinct indices,
   the padding index left out: its row gets no gradient) <G_i, G_j> = <S_i, S_j>; the update
@@ -23,7 +27,8 @@ update J^T r, without a second backward pass through the trunk:
   the update J^T r by ``kernels.combine_into``. Exact for any use of the parameters (tied,
   recurrent, functional), at the cost of holding R x (those parameters).
 
-``choose_linear_rule`` picks between the kernel and the Jacobian rule for a Linear layer from
+``choose_linear_rule`` picks between the kernel and the Jacobian rule for a Linear layer (and a
+convolution, counted as a Linear layer on its patches) from
 an operation count calibrated on this kind of machine (``docs/performance.md``, "Gramian-only
 mode and mode='auto'").
 
@@ -40,6 +45,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812 (the usual name)
 
 from . import kernels
 from .kernels import Rows, row_list
@@ -103,7 +109,8 @@ class Rule:
     ``params``: the trainable shared parameters the rule covers (its share of J^T r is written
     for them); ``layers``: their layer keys (``update.layer_gramians``); ``targets``: what the
     backward pass differentiates for it (gradient edges or the parameters); ``taken``: the
-    results, stacked over the rows (None where no row reaches a target).
+    results, stacked over the rows (None where no row reaches a target); ``held``: their size
+    per row, in elements.
     """
 
     name: str
@@ -111,6 +118,7 @@ class Rule:
     layers: list[str]
     targets: list[Any] = field(default_factory=list)
     taken: list[Rows | None] = field(default_factory=list)
+    held: int = 0  # elements per row that ``taken`` holds (what the sweeps balance)
     kind = "rule"
 
     def gramian(self, R: int) -> Piece:
@@ -147,12 +155,14 @@ def _flat(rows: Rows) -> list[Tensor]:
 class KernelRule(Rule):
     """``nn.Linear`` by the kernel trick (module docstring); targets: the calls' outputs."""
 
-    module: nn.Linear | None = None
+    module: nn.Linear | nn.Conv2d | None = None
     inputs: list[Tensor] = field(default_factory=list)  # as the layer multiplied them
     kind = "kernel"
+    chunk_elements = CHUNK_ELEMENTS
 
     def _rows(self, R: int) -> tuple[Tensor, Tensor] | None:
-        assert self.module is not None
+        """X (rows x n_in) and D (R x rows x n_out, or R x (a split of the rows) x n_out)."""
+        assert isinstance(self.module, nn.Linear)
         n_in, n_out = self.module.in_features, self.module.out_features
         used = [(x, d) for x, d in zip(self.inputs, self.taken, strict=True) if d is not None]
         if not used:
@@ -168,19 +178,22 @@ class KernelRule(Rule):
         if rows is None:
             return Piece(self.name, {self.layers[0]: M})
         X, D = rows
+        del rows
         N = X.shape[0]
+        positions = tuple(range(1, D.dim() - 1))  # D's row dimensions (one, or N and L)
         covered = {id(p) for p in self.params}  # the trainable ones
         if self.module.bias is not None and id(self.module.bias) in covered:
             # The bias gradient sum_n Delta_i[n], summed in the gradients' dtype as autograd does.
-            kernels.gramian_into(D.sum(dim=1), M)
+            kernels.gramian_into(D.sum(dim=positions), M)
         if id(self.module.weight) in covered:
             K = X.to(torch.float64)
+            del X  # the float64 copy (and a convolution's patches) freed before the products
             K = K @ K.T  # float32 products are exact in float64: K is X X^T to float64 rounding
-            n_out = D.shape[2]
+            n_out = D.shape[-1]
             # Output columns a few at a time: float64 copies that stay small.
-            step = max(8, CHUNK_ELEMENTS // (R * N))
+            step = max(8, self.chunk_elements // (R * N))
             for start in range(0, n_out, step):
-                part = D[:, :, start:start + step].to(torch.float64)  # R x N x k
+                part = D[..., start:start + step].to(torch.float64).reshape(R, N, -1)
                 mixed = torch.matmul(K, part)  # K Delta_j
                 kernels.cross_into(part.reshape(R, -1), mixed.reshape(R, -1), M)
             M = (M + M.T) / 2
@@ -196,11 +209,12 @@ class KernelRule(Rule):
         # sum_i r_i Delta_i, then one GEMM: (sum_i r_i Delta_i)^T X. Under autocast D and X are
         # in the layer's lower dtype; the products are formed in the parameters' dtype.
         dtype = self.module.weight.dtype
-        Dc = torch.tensordot(_row_weights(r, D).to(dtype), D.to(dtype), dims=1)  # N x n_out
+        Dc = torch.tensordot(_row_weights(r, D).to(dtype), D.to(dtype), dims=1)
+        Dc = Dc.reshape(-1, D.shape[-1])  # N x n_out
         grads: list[Tensor | None] = []
         for param in self.params:
             if param is self.module.weight:
-                grads.append(Dc.T @ X.to(dtype))
+                grads.append((Dc.T @ X.to(dtype)).reshape(param.shape))
             else:
                 grads.append(Dc.sum(dim=0))
         return grads
@@ -208,6 +222,54 @@ class KernelRule(Rule):
     def release(self) -> None:
         super().release()
         self.inputs = []
+
+
+def unfoldable(module: nn.Module) -> bool:
+    """Whether a ``nn.Conv2d``'s weight gradient is Delta^T U for U its unfolded input."""
+    return (isinstance(module, nn.Conv2d) and module.groups == 1
+            and module.padding_mode == "zeros"
+            and (not isinstance(module.padding, str) or module.padding == "valid"))
+
+
+def unfolded(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """The input's patches U (N L x C k_h k_w, rows in (sample, output position) order)."""
+    padding = (0, 0) if isinstance(module.padding, str) else module.padding
+    patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+@dataclass
+class ConvKernelRule(KernelRule):
+    """``nn.Conv2d`` (groups 1, zero padding) by the kernel trick on its unfolded input.
+
+    With U the input's patches (N L x C k_h k_w, L output positions per sample) and Delta_i
+    the output gradient arranged as N L x C_out, the weight gradient is G_i = Delta_i^T U
+    (reshaped to C_out x C x k_h x k_w), so the Linear rule's algebra holds with X = U: K = U U^T
+    (N L x N L, float64), <G_i, G_j> = <Delta_i, K Delta_j>, the update (sum_i r_i Delta_i)^T U.
+    Cheaper than the R weight gradients at low resolution and many channels (the last layers
+    of a VGG-like trunk), where it also holds far less: R N L C_out floats.
+    """
+
+    # Smaller float64 pieces than a Linear layer's: K is small here (N L rows at low
+    # resolution), so the pieces, not K, are the transient memory of the products.
+    chunk_elements = CHUNK_ELEMENTS // 4
+
+    def _rows(self, R: int) -> tuple[Tensor, Tensor] | None:
+        assert isinstance(self.module, nn.Conv2d)
+        module = self.module
+        n_out = module.out_channels
+        used = [(x, d) for x, d in zip(self.inputs, self.taken, strict=True) if d is not None]
+        if not used:
+            return None
+        # U is formed here (and again for the update) rather than kept: autograd keeps the
+        # input anyway, the patches are k_h k_w times larger.
+        X = _stacked_rows([unfolded(module, x.detach()) for x, _ in used], 0)
+        # Delta: R x N x C_out x H' x W' -> R x N x L x C_out (a view), rows as U's.
+        views = [_stacked(d).detach().reshape(R, x.shape[0], n_out, -1).transpose(2, 3)
+                 for x, d in used]
+        if len(views) == 1:
+            return X, views[0]
+        return X, torch.cat([v.reshape(R, -1, n_out) for v in views], dim=1)
 
 
 @dataclass

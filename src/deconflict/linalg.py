@@ -211,6 +211,7 @@ def normalized(M: np.ndarray) -> tuple[np.ndarray, float]:
 
 # J^T c is trusted when its direction is accurate to 1e-8.
 _DIRECTION_ACCURACY = 1e-8
+_EPS = float(np.finfo(np.float64).eps)
 
 
 def update_rounding_floor(num_tasks: int, budget: float) -> float:
@@ -223,7 +224,7 @@ def update_rounding_floor(num_tasks: int, budget: float) -> float:
     >>> update_rounding_floor(2, budget=1.0)   # 2 eps / 1e-8
     4.440892098500626e-08
     """
-    return num_tasks * float(np.finfo(np.float64).eps) * budget / _DIRECTION_ACCURACY
+    return num_tasks * _EPS * budget / _DIRECTION_ACCURACY
 
 
 def negligible_update(M: np.ndarray, c: np.ndarray) -> bool:

@@ -22,12 +22,20 @@ spanning 1e12 (``benchmarks/norm_spans.py`` measures the largest span each one h
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 from scipy.optimize import brentq, linprog, nnls
 
 from .linalg import cosine_matrix, task_norms
+
+numba: ModuleType | None
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency; the NumPy solver remains
+    numba = None
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -83,6 +91,11 @@ def min_norm_solution(gramian: np.ndarray) -> tuple[np.ndarray, bool]:
     forming it) add to the same bound. ``verified`` is False when rounding stalls the active
     set before the test passes: callers must not present w as optimal then.
     A zero gradient is the hull's point of least norm: w is its vertex (uniform if all are 0).
+
+    Implementation: compiled loops (``_min_norm_compiled``) where numba is available, since
+    at small T NumPy's per-call cost on (T + 1)-sized arrays was nearly all of MGDA's time; a
+    face whose bordered system is singular sends the whole solve to ``_min_norm_numpy``, which
+    takes the least-squares minimizer there.
     """
     T = gramian.shape[0]
     if T == 1:
@@ -96,6 +109,28 @@ def min_norm_solution(gramian: np.ndarray) -> tuple[np.ndarray, bool]:
         w = np.zeros(T)
         w[zero[0]] = 1.0
         return w, True
+    if _compiled_min_norm():
+        w, verified = _min_norm_compiled(np.ascontiguousarray(gramian, dtype=np.float64),
+                                         np.ascontiguousarray(n), 20 * T + 50)
+        if w.size:
+            return w, bool(verified)
+        # A face whose bordered system is singular (affinely dependent gradients): NumPy's
+        # path takes the least-squares minimizer there; it redoes the whole solve.
+    return _min_norm_numpy(gramian, n)
+
+
+def _compiled_min_norm() -> bool:
+    """Whether ``min_norm_solution`` runs the compiled active set (``_min_norm_compiled``):
+    numba is there and ``DECONFLICT_KERNELS=torch`` does not ask for the plain implementations.
+    """
+    return numba is not None and os.environ.get("DECONFLICT_KERNELS", "").lower() != "torch"
+
+
+def _min_norm_numpy(gramian: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``min_norm_solution`` for nonzero norms n, in NumPy (the reference for the compiled
+    ``_min_norm_compiled``, which does the same arithmetic without NumPy's per-call cost)."""
+    T = gramian.shape[0]
+    largest = float(n.max())
     K = cosine_matrix(gramian, n)
     s = n / largest
     G = K * np.outer(s, s)
@@ -212,6 +247,229 @@ def _minor_cycles(
         w /= w.sum()
         if len(support) == 1:
             return w, support
+
+
+if numba is not None:
+
+    @numba.njit(cache=True)
+    def _violations_into(G, s, w, tolerance_factor, excess):  # pragma: no cover - compiled
+        # excess_j = (w^T G w - (G w)_j) - tol_j (``min_norm_solution``); returns w^T G w.
+        T = w.size
+        Gw = np.zeros(T)
+        for j in range(T):
+            total = 0.0
+            for k in range(T):
+                total += G[j, k] * w[k]
+            Gw[j] = total
+        value = 0.0
+        sigma = 0.0
+        for k in range(T):
+            value += w[k] * Gw[k]
+            sigma += w[k] * s[k]
+        for j in range(T):
+            excess[j] = (value - Gw[j]) - tolerance_factor * (s[j] + sigma) * sigma
+        return value
+
+    @numba.njit(cache=True)
+    def _lu_solve(A, b):  # pragma: no cover - compiled
+        # x with A x = b by Gaussian elimination with partial pivoting (LAPACK's gesv, which
+        # NumPy's path calls), in place; an empty array if a pivot is exactly zero (singular).
+        m = b.size
+        for col in range(m):
+            pivot = col
+            for row in range(col + 1, m):
+                if abs(A[row, col]) > abs(A[pivot, col]):
+                    pivot = row
+            if A[pivot, col] == 0.0:
+                return np.empty(0)
+            if pivot != col:
+                for j in range(m):
+                    A[col, j], A[pivot, j] = A[pivot, j], A[col, j]
+                b[col], b[pivot] = b[pivot], b[col]
+            for row in range(col + 1, m):
+                factor = A[row, col] / A[col, col]
+                for j in range(col, m):
+                    A[row, j] -= factor * A[col, j]
+                b[row] -= factor * b[col]
+        x = np.empty(m)
+        for row in range(m - 1, -1, -1):
+            total = b[row]
+            for j in range(row + 1, m):
+                total -= A[row, j] * x[j]
+            x[row] = total / A[row, row]
+        return x
+
+    @numba.njit(cache=True)
+    def _affine_compiled(K, s, S):  # pragma: no cover - compiled
+        # ``_affine_minimizer`` of the support S (indices into K and s), or an empty array
+        # where the bordered system is singular (affinely dependent points): NumPy's path then
+        # takes the least-squares solution, which this one leaves to it.
+        k = S.size
+        if k == 1:
+            return np.ones(1)
+        smallest = s[S[0]]
+        for a in range(k):
+            smallest = min(smallest, s[S[a]])
+        kkt = np.zeros((k + 1, k + 1))
+        for a in range(k):
+            for b in range(k):
+                kkt[a, b] = K[S[a], S[b]]
+            u = smallest / s[S[a]]
+            kkt[a, k] = u
+            kkt[k, a] = u
+        rhs = np.zeros(k + 1)
+        rhs[k] = 1.0
+        solution = _lu_solve(kkt.copy(), rhs.copy())
+        if solution.size == 0:
+            return solution  # singular: the caller redoes the solve in NumPy
+        largest = 1.0
+        worst = 0.0
+        for a in range(k + 1):
+            largest = max(largest, abs(solution[a]))
+            total = 0.0
+            for b in range(k + 1):
+                total += kkt[a, b] * solution[b]
+            worst = max(worst, abs(total - rhs[a]))
+        if not worst <= 1e-10 * largest:
+            return np.empty(0)  # not solved to the accuracy NumPy's path demands: redo there
+        y = np.empty(k)
+        total = 0.0
+        for a in range(k):
+            y[a] = solution[a] / s[S[a]]
+            total += y[a]
+        if total != 0.0:
+            return y / total
+        return np.full(k, 1.0 / k)
+
+    @numba.njit(cache=True)
+    def _minor_compiled(K, s, w, S):  # pragma: no cover - compiled
+        # ``_minor_cycles``: (w, support) at the affine minimizer of a face, or where a weight
+        # reached zero on the way with the support reduced to one point.
+        T = w.size
+        while True:
+            k = S.size
+            y = _affine_compiled(K, s, S)
+            if y.size == 0:
+                return y, S  # singular face: the caller falls back to NumPy
+            positive = True
+            for a in range(k):
+                if not y[a] > 0.0:
+                    positive = False
+            if positive:
+                w = np.zeros(T)
+                for a in range(k):
+                    w[S[a]] = y[a]
+                return w, S
+            current = np.empty(k)
+            for a in range(k):
+                current[a] = w[S[a]]
+            theta = np.inf
+            stop = -1
+            for a in range(k):
+                if y[a] <= 0.0:
+                    ratio = current[a] / (current[a] - y[a])
+                    if ratio < theta:
+                        theta, stop = ratio, a
+            for a in range(k):
+                current[a] = current[a] + theta * (y[a] - current[a])
+            spread = 0.0
+            for a in range(k):
+                spread += abs(current[a] * s[S[a]])
+            kept = 0
+            keep = np.zeros(k, dtype=np.bool_)
+            for a in range(k):
+                keep[a] = current[a] * s[S[a]] > 1e-15 * spread and a != stop
+                if keep[a]:
+                    kept += 1
+            support = np.empty(kept, dtype=np.int64)
+            w = np.zeros(T)
+            j = 0
+            for a in range(k):
+                if keep[a]:
+                    support[j] = S[a]
+                    w[S[a]] = current[a]
+                    j += 1
+            w = w / w.sum()
+            S = support
+            if kept == 1:
+                return w, S
+
+    @numba.njit(cache=True)
+    def _min_norm_compiled(gramian, n, iterations):  # pragma: no cover - compiled
+        # ``_min_norm_numpy``, for T >= 2 gradients of nonzero norm n, as compiled loops.
+        T = n.size
+        largest = n.max()
+        K = np.empty((T, T))
+        for i in range(T):
+            for j in range(T):
+                K[i, j] = min(max(gramian[i, j] / (n[i] * n[j]), -1.0), 1.0)
+            K[i, i] = 1.0
+        s = n / largest
+        G = np.empty((T, T))
+        for i in range(T):
+            for j in range(T):
+                G[i, j] = K[i, j] * (s[i] * s[j])
+        tolerance_factor = 4.0 * (T + 2) * 2.220446049250313e-16
+        excess = np.empty(T)
+        if T == 2:
+            w = _segment_compiled(G)
+            _violations_into(G, s, w, tolerance_factor, excess)
+            return w, excess.max() <= 0.0
+        first = 0
+        for i in range(T):
+            if s[i] < s[first]:
+                first = i
+        w = np.zeros(T)
+        w[first] = 1.0
+        support = np.array([first], dtype=np.int64)
+        best = _violations_into(G, s, w, tolerance_factor, excess)
+        candidate_excess = np.empty(T)
+        for _ in range(iterations):
+            if excess.max() <= 0.0:
+                return w, True
+            # The most violated constraint relative to its task's norm (scale-free choice).
+            entering = 0
+            for i in range(T):
+                if excess[i] / s[i] > excess[entering] / s[entering]:
+                    entering = i
+            inside = False
+            for a in range(support.size):
+                if support[a] == entering:
+                    inside = True
+            if inside:
+                break
+            grown = np.empty(support.size + 1, dtype=np.int64)
+            grown[:support.size] = support
+            grown[support.size] = entering
+            candidate, candidate_support = _minor_compiled(K, s, w, grown)
+            if candidate.size == 0:
+                return candidate, False  # singular face: the caller falls back to NumPy
+            value = _violations_into(G, s, candidate, tolerance_factor, candidate_excess)
+            if value >= best:
+                break  # rounding has stalled the active set; keep the best point found
+            w, support, best = candidate, candidate_support, value
+            excess[:] = candidate_excess
+        return w, excess.max() <= 0.0
+
+    @numba.njit(cache=True)
+    def _segment_compiled(G):  # pragma: no cover - compiled
+        # ``_segment_min_norm``.
+        curvature = G[0, 0] + G[1, 1] - 2.0 * G[0, 1]
+        w = np.zeros(2)
+        if curvature <= 0.0:
+            first = 1.0 if G[0, 0] <= G[1, 1] else 0.0
+            w[0], w[1] = first, 1.0 - first
+            return w
+        first = (G[1, 1] - G[0, 1]) / curvature
+        if first <= 0.0:
+            w[1] = 1.0
+            return w
+        second = (G[0, 0] - G[0, 1]) / curvature
+        if second <= 0.0:
+            w[0] = 1.0
+            return w
+        w[0], w[1] = first / (first + second), second / (first + second)
+        return w
 
 
 # A squared norm below this many times its rounding error (gamma_T times the squared length of
@@ -604,7 +862,7 @@ def dual_cone_weights(gramian: np.ndarray, targets: np.ndarray, reg_eps: float =
     rows = factor_t.shape[0]
     if reg_eps == 0.0:
         # [L^T; sqrt(delta) I] z ~ [-L^T y0; 0]: the Tikhonov term of the docstring.
-        delta = live.size * float(np.finfo(np.float64).eps)
+        delta = live.size * _EPS
         factor_t = np.vstack([factor_t, math.sqrt(delta) * np.eye(live.size)])
     solutions = targets.copy()
     for row in pending:

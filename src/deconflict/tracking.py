@@ -25,11 +25,16 @@ the two agree to that rounding, not to float64. The other rules use autograd's o
 
 Memory: the Delta rules hold R x (their layers' outputs), the Jacobian rules R x (their
 parameters) - never more than the batched mode's Jacobian, and for wide layers on small batches
-far less (``docs/performance.md``, "Gramian-only mode and mode='auto'").
+far less (``docs/performance.md``, "Gramian-only mode and mode='auto'"). Where that would exceed
+an estimate of what the plain step holds anyway and the trunk was tracked with
+``max_sweeps`` > 1, the rules are swept in groups (``sweep_groups``): each group's R passes,
+its share of M, its data dropped; then ``.grad`` from one weighted backward pass of
+sum_k r_k row_k. The same M; about 1/S of the memory for up to S - 1 extra passes per row.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -45,7 +50,15 @@ from .finite import NonFinite
 from .graph import nodes
 from .jacobian import gradients, row_chunks
 from .kernels import Rows
-from .layer_gramians import EmbeddingRule, JacobianRule, KernelRule, Rule, choose_linear_rule
+from .layer_gramians import (
+    ConvKernelRule,
+    EmbeddingRule,
+    JacobianRule,
+    KernelRule,
+    Rule,
+    choose_linear_rule,
+    unfoldable,
+)
 
 # The attribute of a tracked trunk that holds (a weak reference to) its tracker. The trunk's
 # hooks hold the tracker itself, so it lives as long as it is registered; a weak reference
@@ -94,8 +107,9 @@ class LayerTracker:
     >>> tracker.remove()
     """
 
-    def __init__(self, trunk: nn.Module) -> None:
+    def __init__(self, trunk: nn.Module, max_sweeps: int = 1) -> None:
         self.trunk = trunk
+        self.max_sweeps = _checked_sweeps(max_sweeps)
         self.calls: list[_Call] = []
         # After each Gramian-mode step: the rule each module got ("kernel", "embedding",
         # "jacobian", or "fallback" for parameters the records cannot account for).
@@ -135,9 +149,10 @@ class LayerTracker:
             if not outputs:
                 return
             inputs = _tensors(args)
-            # The input the Delta rules need (Linear: X; Embedding: the indices), kept as is.
-            kept = (isinstance(module, (nn.Linear, nn.Embedding)) and len(inputs) == 1
-                    and len(outputs) == 1)
+            # The input the Delta rules need (Linear, Conv2d: X; Embedding: the indices), kept
+            # as is (autograd saves it anyway for the weight gradient).
+            kept = (isinstance(module, (nn.Linear, nn.Embedding)) or unfoldable(module)) \
+                and len(inputs) == 1 and len(outputs) == 1
             self.calls.append(_Call(
                 module=module, name=name or type(module).__name__,
                 edges=[get_gradient_edge(t) for t in outputs],
@@ -162,12 +177,21 @@ class LayerTracker:
             object.__delattr__(self.trunk, TRACKER_ATTRIBUTE)
 
 
-def track(trunk: nn.Module) -> LayerTracker:
+def track(trunk: nn.Module, *, max_sweeps: int | None = None) -> LayerTracker:
     """Record the trunk's layer calls so that ``backward(..., mode="gramian")`` can use them.
 
     Call once, before the first forward pass; pass the same module as ``shared_params``. The
     trunk is then tracked (``tracker_of(trunk)``), and ``mode="auto"`` uses Gramian-only mode
     for the methods that need only the Gramian; ``tracker.remove()`` untracks it.
+
+    ``max_sweeps`` (an int >= 1; default 1, or the tracker's current value when the trunk is
+    already tracked) trades time for memory: where the per-layer data Gramian mode holds
+    (R x the parameters of the layers without a kernel rule, R x the outputs of those with
+    one) would exceed an estimate of what the plain step holds, the R rows are swept in up to
+    that many groups of layers, each group's data dropped once its share of M is formed, and
+    ``.grad`` is written by one weighted backward pass (``sweep_groups``). The same M and
+    update; about 1 / S of that memory for S sweeps, at the cost of up to S - 1 extra
+    backward passes per row and one for the update.
 
     >>> import deconflict, torch
     >>> trunk = torch.nn.Linear(3, 4)
@@ -183,8 +207,20 @@ def track(trunk: nn.Module) -> LayerTracker:
         raise TypeError(f"track needs the shared trunk as an nn.Module, got {type(trunk).__name__}")
     existing = tracker_of(trunk)
     if existing is not None:
+        if max_sweeps is not None:
+            existing.max_sweeps = _checked_sweeps(max_sweeps)
         return existing
-    return LayerTracker(trunk)
+    return LayerTracker(trunk, 1 if max_sweeps is None else max_sweeps)
+
+
+def _checked_sweeps(max_sweeps: Any) -> int:
+    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int):
+        raise InvalidOptionError(
+            f"track: max_sweeps must be an int >= 1, got {type(max_sweeps).__name__} "
+            f"{max_sweeps!r}")
+    if max_sweeps < 1:
+        raise InvalidOptionError(f"track: max_sweeps must be >= 1, got {max_sweeps}")
+    return max_sweeps
 
 
 def tracker_of(trunk: Any) -> LayerTracker | None:
@@ -236,13 +272,34 @@ class TrackedGramian:
     by_layer: dict[str, Tensor]
     rules: list[Rule]
     reached: list[Tensor]
+    # Set when the rows were swept in several groups (``sweep_groups``): the rules' data was
+    # dropped after each group's share of M, and J^T r comes from one weighted backward pass.
+    rows: Sequence[Tensor] | None = None
 
-    def update(self, r: Tensor) -> list[Tensor | None]:
-        """J^T r for each reached shared parameter (in ``reached``'s order)."""
+    @property
+    def needs_graph(self) -> bool:
+        """Whether ``update`` runs a backward pass (the graph must still be there)."""
+        return self.rows is not None
+
+    def update(self, r: Tensor, *, retain_graph: bool = False) -> list[Tensor | None]:
+        """J^T r for each reached shared parameter (in ``reached``'s order).
+
+        From the rules' data; each rule's data is released as soon as its share is formed (the
+        update is the last use), so the new gradients and the rules' rows are never all held
+        at once. After several sweeps: d (sum_k r_k row_k) / d params, one backward pass
+        (``retain_graph`` as the step's plan says).
+        """
+        if self.rows is not None:
+            rows, self.rows = self.rows, None
+            weights = [r[k].to(dtype=row.dtype, device=row.device) for k, row in enumerate(rows)]
+            return list(torch.autograd.grad(list(rows), self.reached, grad_outputs=weights,
+                                            allow_unused=True, retain_graph=retain_graph))
         found: dict[int, Tensor | None] = {}
         for rule in self.rules:
             for param, grad in zip(rule.params, rule.update(r), strict=True):
                 found[id(param)] = grad
+            rule.release()
+        self.rules = []
         return [found.get(id(p)) for p in self.reached]
 
     def release(self) -> None:
@@ -274,30 +331,96 @@ def tracked_gramian(
             "forward pass run under torch.no_grad(), or before deconflict.track?)"
         )
     rules, fallback = _rules(tracker, rows, shared, reached, R)
-    targets = [target for rule in rules for target in rule.targets]
-    taken = _stacked_gradients(rows, targets, chunk_size)
-    start = 0
-    for rule in rules:
-        rule.taken = taken[start:start + len(rule.targets)]
-        start += len(rule.targets)
-    del taken
     tracker.rules = {rule.name: ("fallback" if rule.name in fallback else rule.kind)
                      for rule in rules}
+    groups = sweep_groups(tracker, rules, reached, R)
+    swept = len(groups) > 1
 
     by_layer: dict[str, Tensor] = {}
     M = torch.zeros(R, R, dtype=torch.float64)
-    for rule in rules:
-        piece = rule.gramian(R)
-        for layer, part in piece.parts.items():
-            if not bool(torch.isfinite(part).all()):
-                return NonFinite(f"the gradient of a loss with respect to the parameters of "
-                                 f"{piece.name} contains NaN or infinity")
-            M += part
-            by_layer[layer] = by_layer[layer] + part if layer in by_layer else part
+    for group in groups:
+        targets = [target for rule in group for target in rule.targets]
+        taken = _stacked_gradients(rows, targets, chunk_size)
+        start = 0
+        for rule in group:
+            rule.taken = taken[start:start + len(rule.targets)]
+            start += len(rule.targets)
+        del taken
+        for rule in group:
+            piece = rule.gramian(R)
+            if swept:
+                rule.release()  # the update comes from the weighted pass
+            for layer, part in piece.parts.items():
+                if not bool(torch.isfinite(part).all()):
+                    return NonFinite(f"the gradient of a loss with respect to the parameters of "
+                                     f"{piece.name} contains NaN or infinity")
+                M += part
+                by_layer[layer] = by_layer[layer] + part if layer in by_layer else part
     if scale != 1.0:
         M /= scale**2
         by_layer = {layer: part / scale**2 for layer, part in by_layer.items()}
+    if swept:
+        return TrackedGramian(M, by_layer, [], list(reached), rows=list(rows))
     return TrackedGramian(M, by_layer, rules, list(reached))
+
+
+# What one sweep may hold, relative to the estimate of a plain step's memory (sweep_groups).
+SWEEP_BUDGET = 1.0
+# Below this many elements held in all (16 MiB of float32) one sweep: the extra passes would
+# cost time for memory that does not matter.
+SWEEP_MINIMUM = 1 << 22
+
+
+def sweep_groups(tracker: LayerTracker, rules: list[Rule], reached: Sequence[Tensor], R: int
+                 ) -> list[list[Rule]]:
+    """The rules in the groups whose data one sweep of the R rows holds at a time.
+
+    The rules hold R x (their elements per row: a Jacobian rule's parameters, a Delta rule's
+    layer outputs) until M is formed. Where that exceeds what a plain step holds anyway -
+    estimated as the recorded layer outputs (the activations) plus twice the parameters
+    (values and gradients), times ``SWEEP_BUDGET`` - the rules are split into
+    S = ceil(held / estimate) groups (at most ``tracker.max_sweeps``, set by
+    ``track(trunk, max_sweeps=)``; one below ``SWEEP_MINIMUM`` elements), each swept by its
+    own R backward passes and dropped once its share of M is formed, and J^T r comes from one
+    weighted backward pass instead of the rules' data: the peak is about R x held / S, for up
+    to S - 1 extra passes per row (fewer: a pass to the upper layers' targets stops there)
+    and one for the update. The groups are contiguous in depth (the layers nearest the
+    losses first), balanced by held size. Any grouping gives the same M: each sweep
+    differentiates the same rows, each rule's share is formed as in a single sweep.
+    """
+    held = [rule.held for rule in rules]
+    total = R * sum(held)
+    estimate = (sum(math.prod(shape) for call in tracker.calls for shape, _, _ in
+                    call.output_shapes) + 2 * sum(p.numel() for p in reached))
+    budget = max(1, int(SWEEP_BUDGET * estimate))
+    count = min(tracker.max_sweeps, len(rules), -(-total // budget))
+    if count <= 1 or total < SWEEP_MINIMUM:
+        return [rules]
+    # Depth: the index of the last recorded call of the rule's module (or of the nearest
+    # recorded module above it, for a child its parent uses functionally); unrecorded: the
+    # deepest. Only the cost depends on it, never M.
+    last: dict[str, int] = {}
+    for index, call in enumerate(tracker.calls):
+        last[call.name] = index
+
+    def depth(rule: Rule) -> int:
+        name = rule.name
+        while True:
+            if name in last:
+                return last[name]
+            if "." not in name:
+                return -1
+            name = name.rsplit(".", 1)[0]
+
+    ordered = sorted(rules, key=depth, reverse=True)
+    groups: list[list[Rule]] = [[]]
+    running, share = 0, sum(held) / count
+    for rule in ordered:
+        if groups[-1] and running + rule.held / 2 > share * len(groups) and len(groups) < count:
+            groups.append([])
+        groups[-1].append(rule)
+        running += rule.held
+    return groups
 
 
 def _rules(
@@ -325,12 +448,16 @@ def _rules(
                              if id(p) in reached_ids]
         if not own:
             continue
-        for call in calls:
-            if call.layer_input is not None and call.layer_input._version != call.input_version:
-                raise InvalidOptionError(
-                    f"the input of {call.name} was modified in place after the layer used it; "
-                    "Gramian-only mode needs it unchanged (use mode='sequential')")
-        if _delta_rule(module, calls, R) and not any(id(p) in tied for p in own):
+        modified = [call for call in calls if call.layer_input is not None
+                    and call.layer_input._version != call.input_version]
+        if modified and not isinstance(module, nn.Conv2d):
+            raise InvalidOptionError(
+                f"the input of {modified[0].name} was modified in place after the layer used "
+                "it; Gramian-only mode needs it unchanged (use mode='sequential')")
+        # A convolution whose input changed since takes the Jacobian rule, as it did before its
+        # kernel rule existed (autograd itself refuses the change where it needs the input).
+        if (not modified and _delta_rule(module, calls, R)
+                and not any(id(p) in tied for p in own)):
             candidates[id(module)] = (module, calls, own)
     # A Delta rule sees a parameter's uses by its own calls only: a parameter also used
     # elsewhere (by a head, functionally, or in its own layer's input) gets the Jacobian rule.
@@ -360,14 +487,16 @@ def _rules(
         name = calls[0].name
         layers = [layer_of[id(p)] for p in own]
         edges = [call.edges[0] for call in calls]
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
             inputs = [cast(Tensor, call.layer_input).detach().to(call.output_shapes[0][1])
                       for call in calls]
-            rules.append(KernelRule(name, own, layers, edges, module=module, inputs=inputs))
+            kind = KernelRule if isinstance(module, nn.Linear) else ConvKernelRule
+            rules.append(kind(name, own, layers, edges, module=module, inputs=inputs))
         else:
             indices = [cast(Tensor, call.layer_input).detach() for call in calls]
             rules.append(EmbeddingRule(name, own, layers, edges, module=cast(nn.Embedding, module),
                                        indices=indices))
+        rules[-1].held = sum(math.prod(call.output_shapes[0][0]) for call in calls)
         covered.update(id(p) for p in own)
     # The rest, grouped by owning module (the first owner of a tied parameter).
     groups: dict[str, list[Tensor]] = {}
@@ -382,7 +511,8 @@ def _rules(
         if is_fallback:
             fallback.add(owner)
         rules.append(JacobianRule(owner, params, [layer_of[id(p)] for p in params],
-                                  list(params), fallback=is_fallback))
+                                  list(params), fallback=is_fallback,
+                                  held=sum(p.numel() for p in params)))
     return rules, fallback
 
 
@@ -392,7 +522,22 @@ def _delta_rule(module: nn.Module, calls: list[_Call], R: int) -> bool:
         return False
     if isinstance(module, nn.Embedding):
         # A frequency-scaled or sparse gradient is not the plain scatter of Delta.
-        return not (module.scale_grad_by_freq or module.sparse)
+        if module.scale_grad_by_freq or module.sparse:
+            return False
+        # The rule holds R x (positions looked up) x dim, the Jacobian rule R x (rows of the
+        # table) x dim: a short vocabulary looked up at many positions takes the Jacobian rule.
+        positions = sum(cast(Tensor, call.layer_input).numel() for call in calls)
+        return positions <= module.num_embeddings
+    if isinstance(module, nn.Conv2d):
+        # A Linear layer on the patches: N L rows (L output positions per sample) of
+        # C k_h k_w inputs. Batched 4-D inputs only (the rows of U follow the samples).
+        if not unfoldable(module) or any(cast(Tensor, call.layer_input).dim() != 4
+                                         or len(call.output_shapes[0][0]) != 4 for call in calls):
+            return False
+        rows = sum(math.prod(call.output_shapes[0][0]) // module.out_channels for call in calls)
+        n_in = module.in_channels * math.prod(module.kernel_size)
+        return choose_linear_rule(rows, n_in, module.out_channels, R,
+                                  module.weight.requires_grad) == "kernel"
     if not isinstance(module, nn.Linear):
         return False
     rows = sum(cast(Tensor, call.layer_input).numel() // module.in_features for call in calls)
@@ -414,17 +559,18 @@ def _stacked_gradients(rows: Sequence[Tensor], targets: list[Any], chunk_size: i
                        ) -> list[Rows | None]:
     """d rows / d targets per target, None if no row reaches it, zeros for the rows that do not.
 
-    A parameter's gradients stay as autograd returns them (R per-row tensors, or views of a
-    batched pass's result: never copied); a layer output's (Delta) are written into one
+    Each target's gradients (a parameter's, or a layer output's Delta) are written into one
     (R, *shape) buffer as they arrive, so that a row's gradient is freed by the next pass and
-    the R rows are never held twice.
+    the R rows are never held twice. One buffer per target rather than R tensors from autograd:
+    the copy costs little beside the pass, and the process's allocator reuses one row's block
+    for the next instead of keeping R scattered ones (measured: 15-25% less peak resident
+    memory on the Transformer workload, ``docs/performance.md``).
     """
     R = len(rows)
     # By default one row per pass: measured faster than one batched pass on the MLP, CNN and
     # Transformer workloads (docs/performance.md; vmap has no batching rule for some backward
     # kernels, e.g. CPU flash attention, and falls back to a loop), with less transient memory.
     chunks = row_chunks(R, 1 if chunk_size is None else chunk_size)
-    per_row: list[list[Tensor | None]] = [[None] * R for _ in targets]
     buffers: list[Tensor | None] = [None] * len(targets)
     filled: list[list[bool]] = [[False] * R for _ in targets]
     for chunk in chunks:
@@ -436,10 +582,6 @@ def _stacked_gradients(rows: Sequence[Tensor], targets: list[Any], chunk_size: i
                 raise ShapeError(
                     "a shared parameter has a sparse gradient; deconflict needs dense gradients "
                     "(e.g. nn.Embedding(sparse=False))")
-            if isinstance(targets[k], Tensor):
-                for offset, row in enumerate(chunk):
-                    per_row[k][row] = grad[offset]
-                continue
             buffer = buffers[k]
             if buffer is None:
                 buffer = buffers[k] = grad.new_empty(R, *grad.shape[1:])
@@ -448,17 +590,10 @@ def _stacked_gradients(rows: Sequence[Tensor], targets: list[Any], chunk_size: i
                 filled[k][row] = True
         del grads
     result: list[Rows | None] = []
-    for k, grads_of_target in enumerate(per_row):
-        buffer = buffers[k]
+    for k, buffer in enumerate(buffers):
         if buffer is not None:
             for row in range(R):
                 if not filled[k][row]:
                     buffer[row].zero_()
-            result.append(buffer)
-            continue
-        present = next((g for g in grads_of_target if g is not None), None)
-        if present is None:
-            result.append(None)
-            continue
-        result.append([torch.zeros_like(present) if g is None else g for g in grads_of_target])
+        result.append(buffer)
     return result

@@ -28,6 +28,7 @@ product of the scaled blocks with the same weights, which ``scaler.step`` divide
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,18 +204,45 @@ def matrix_update(method: Method, jacobian: Tensor, losses: Any = None
     rows = kernels.compiled_matrix(jacobian)
     if rows is None:
         return None
+    if (isinstance(method, LossWeighting) and method.gradient_scope == "none"
+            and not method.stateful):
+        return _loss_weighted_update(method, rows, jacobian.dtype, losses)
     M = kernels.matrix_gramian(rows)
     if not np.isfinite(M).all():
         return None
-    gramian = torch.from_numpy(M)
+    # M is finite, exactly symmetric (the kernel mirrors its upper triangle) and has a
+    # non-negative diagonal (sums of squares): what ``as_gramian_array`` would return, so the
+    # method takes it as it is.
     assert isinstance(method, WeightsFromGramian)  # weighs_by_gramian
-    c, _ = method.weights_with_diagnostics(gramian, losses=losses)
-    checked = _checked_row_weights(method, gramian, c.cpu(), (jacobian.dtype,))
+    c = method.weights_of_gramian_array(M, losses)
+    checked = _checked_weights(method, M, c, (jacobian.dtype,))
     if isinstance(checked, NonFinite):
         return checked
     update = torch.empty(rows.shape[1], dtype=jacobian.dtype)
-    weights = np.ascontiguousarray(checked.numpy(), dtype=np.float64)
-    kernels.matrix_combine(rows, weights, update.numpy())
+    kernels.matrix_combine(rows, np.ascontiguousarray(checked), update.numpy())
+    return update
+
+
+def _loss_weighted_update(method: LossWeighting, rows: np.ndarray, dtype: torch.dtype,
+                          losses: Any) -> Tensor | None:
+    """J^T c for weights c from the losses alone (a stateless loss weighting: sum, mean): one
+    pass over J, no Gramian, as the engine's one weighted backward pass forms none either (so
+    no rounding floor is applied to D, in ``aggregate`` as in ``backward``).
+
+    The finiteness check is fused into that pass: a NaN or infinity anywhere in J reaches the
+    float64 sum of its column (0 * inf is NaN too), and so does an overflow of D's dtype; both
+    leave a non-finite element in D. Only then (None) the general path, which forms the
+    Gramian, names the task or reports the overflow: the method is stateless, so computing its
+    weights a second time there changes nothing.
+    """
+    c = method.loss_weights_array(rows.shape[0], losses)
+    update = torch.empty(rows.shape[1], dtype=dtype)
+    kernels.matrix_combine(rows, np.ascontiguousarray(c), update.numpy())
+    # A sum is non-finite whenever an element is, and costs a third of isfinite().all() (no
+    # bool temporary); a sum of finite elements that overflows only sends this call to the
+    # general path, which gives the same update.
+    if not math.isfinite(float(update.sum())):
+        return None
     return update
 
 
@@ -322,11 +350,28 @@ def _checked_row_weights(
     """
     weights = r.numpy() if r.device.type == "cpu" and r.dtype == torch.float64 else (
         r.detach().to("cpu", torch.float64).numpy())
-    if not np.isfinite(weights).all():
-        raise NonFiniteError(f"{method.name} returned non-finite weights {r.tolist()}")
     gramian = M.numpy() if M.device.type == "cpu" else M.cpu().numpy()
-    # In NumPy: a handful of T-sized operations, cheaper there than as torch calls.
-    budget = float(np.abs(weights) @ np.sqrt(np.maximum(np.diagonal(gramian), 0.0)))
+    checked = _checked_weights(method, gramian, weights, dtypes, scale)
+    if isinstance(checked, NonFinite):
+        return checked
+    return r if checked is weights else torch.zeros_like(r)
+
+
+def _checked_weights(
+    method: Method, gramian: np.ndarray, weights: np.ndarray, dtypes: Sequence[torch.dtype],
+    scale: LossScale = NO_SCALE,
+) -> np.ndarray | NonFinite:
+    """``_checked_row_weights`` on NumPy arrays: ``weights`` itself, or zeros (a new array),
+    or NonFinite."""
+    if kernels.numba is not None and gramian.dtype == np.float64 and weights.dtype == np.float64:
+        # One compiled call instead of about ten NumPy ones on T-sized arrays (each ~1 us).
+        finite, budget, square = _weight_sums(gramian, weights)
+    else:
+        finite = bool(np.isfinite(weights).all())
+        budget = float(np.abs(weights) @ np.sqrt(np.maximum(np.diagonal(gramian), 0.0)))
+        square = float(weights @ gramian @ weights) if finite else 0.0
+    if not finite:
+        raise NonFiniteError(f"{method.name} returned non-finite weights {weights.tolist()}")
     bound = scale.factor * budget
     largest = min((_largest(dtype) for dtype in dtypes), default=float("inf"))
     if bound >= largest:
@@ -334,9 +379,30 @@ def _checked_row_weights(
             f"the update of {method.name} overflows: its elements may reach {bound:.3g}"
         )
     # ||J^T r||^2 = r^T M r against the rounding floor (``gramian.rounding_floor``).
-    if float(weights @ gramian @ weights) <= update_rounding_floor(len(weights), budget) ** 2:
-        return torch.zeros_like(r)
-    return r
+    if square <= update_rounding_floor(len(weights), budget) ** 2:
+        return np.zeros_like(weights)
+    return weights
+
+
+if kernels.numba is not None:
+
+    @kernels.numba.njit(cache=True)
+    def _weight_sums(gramian, weights):  # pragma: no cover - compiled
+        # (all weights finite, sum_i |r_i| sqrt(max(M_ii, 0)), r^T M r): what
+        # ``_checked_weights`` decides from, summed in float64 in index order.
+        T = weights.size
+        for i in range(T):
+            if not np.isfinite(weights[i]):
+                return False, 0.0, 0.0
+        budget = 0.0
+        square = 0.0
+        for i in range(T):
+            budget += abs(weights[i]) * np.sqrt(max(gramian[i, i], 0.0))
+            row = 0.0
+            for j in range(T):
+                row += gramian[i, j] * weights[j]
+            square += weights[i] * row
+        return True, budget, square
 
 
 _LARGEST: dict[torch.dtype, float] = {}

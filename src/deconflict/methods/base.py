@@ -206,7 +206,31 @@ class Method(ABC):
     ) -> tuple[Tensor, Diagnostics]:
         """Task weights and a dict of method-specific diagnostics (documented per method)."""
 
+    def weights_of_gramian_array(self, M: np.ndarray, losses: Any = None) -> np.ndarray:
+        """The weights c (T,) float64 for a Gramian the caller formed itself: the lean path of
+        ``aggregate`` (``update.matrix_update``), which discards the diagnostics.
+
+        M must be what ``as_gramian_array`` would return unchanged: a finite, exactly
+        symmetric float64 T x T array with a non-negative diagonal, as the float64 kernel
+        ``kernels.matrix_gramian`` forms it (it mirrors one triangle, and its diagonal is a sum
+        of squares) once the caller has checked that it is finite. Nothing else is skipped:
+        the losses are validated and c is refused if misshapen or not finite, as in
+        ``weights_with_diagnostics``. The method gets its own copy of M, so the caller's
+        stays what it was whatever the method does with it.
+        """
+        raise InvalidOptionError(f"{self.name} does not weigh the tasks from a Gramian")
+
     # --------------------------------------------------------- weights, for the subclasses
+    def _checked_array(self, weights: Any, context: Context) -> np.ndarray:
+        """The weights as a float64 array, refused if misshapen or not finite."""
+        c = np.asarray(weights, dtype=np.float64)
+        if c.shape != (context.num_tasks,):
+            raise ShapeError(f"{self.name} returned {c.shape[0] if c.ndim else c.size} weights "
+                             f"for {context.num_tasks} tasks")
+        if not np.isfinite(c).all():
+            raise NonFiniteError(f"{self.name} produced non-finite weights {c.tolist()}")
+        return c
+
     def _inputs(
         self, gramian: Any, losses: Any, extra: dict[str, Any]
     ) -> tuple[np.ndarray | None, Context, torch.device]:
@@ -219,12 +243,7 @@ class Method(ABC):
         self, result: tuple[np.ndarray, Diagnostics], context: Context, device: torch.device
     ) -> tuple[Tensor, Diagnostics]:
         """The weights as a float64 tensor on ``device``, refused if misshapen or not finite."""
-        c = np.asarray(result[0], dtype=np.float64)
-        if c.shape != (context.num_tasks,):
-            raise ShapeError(f"{self.name} returned {c.shape[0]} weights for "
-                             f"{context.num_tasks} tasks")
-        if not np.isfinite(c).all():
-            raise NonFiniteError(f"{self.name} produced non-finite weights {c.tolist()}")
+        c = self._checked_array(result[0], context)
         return torch.from_numpy(c).to(device), _as_tensors(result[1])
 
     def _needs_gramian(self, M: np.ndarray | None) -> np.ndarray:
@@ -232,7 +251,8 @@ class Method(ABC):
             raise ShapeError(f"{self.name} needs the Gramian of the task gradients")
         return M
 
-    def _context(self, M: np.ndarray | None, losses: Any, extra: dict[str, Any]) -> Context:
+    def _context(self, M: np.ndarray | None, losses: Any, extra: dict[str, Any],
+                 num_tasks: int | None = None) -> Context:
         combinations = extra.pop("combinations", None)
         if extra:
             raise InvalidOptionError(
@@ -251,6 +271,8 @@ class Method(ABC):
                 )
         elif M is not None:
             num_tasks = M.shape[0]
+        elif num_tasks is not None:
+            pass
         elif losses is not None:
             num_tasks = len(to_numpy(losses).reshape(-1))
         else:
@@ -305,6 +327,12 @@ class GramianWeighting(Method):
             result = self._compute(M, ctx)
         return self._checked(result, ctx, device)
 
+    def weights_of_gramian_array(self, M: np.ndarray, losses: Any = None) -> np.ndarray:
+        ctx = self._context(M, losses, {})
+        with single_threaded_blas():
+            result = self._compute(M.copy(), ctx)
+        return self._checked_array(result[0], ctx)
+
     def gradient_combinations(self, num_tasks: int) -> np.ndarray | None:
         """Rows of losses to differentiate instead of the T tasks (None: the tasks themselves)."""
         return None
@@ -358,6 +386,12 @@ class BlockWeighting(Method):
         with single_threaded_blas():
             weights, diagnostics = self.block_weights(M[None], losses=ctx.losses)
         return self._checked((weights[0], self._one_group(diagnostics)), ctx, device)
+
+    def weights_of_gramian_array(self, M: np.ndarray, losses: Any = None) -> np.ndarray:
+        ctx = self._context(M, losses, {})
+        with single_threaded_blas():
+            weights, _ = self.block_weights(M[None].copy(), losses=ctx.losses)
+        return self._checked_array(weights[0], ctx)
 
     def _one_group(self, diagnostics: Diagnostics) -> Diagnostics:
         """``block_weights``' diagnostics of a single group, as ``weights`` reports them."""
@@ -426,6 +460,22 @@ class LossWeighting(Method):
         with single_threaded_blas():
             result = self._compute(M, ctx)
         return self._checked(result, ctx, device)
+
+    def weights_of_gramian_array(self, M: np.ndarray, losses: Any = None) -> np.ndarray:
+        ctx = self._context(M, losses, {})
+        with single_threaded_blas():
+            result = self._compute(M.copy(), ctx)
+        return self._checked_array(result[0], ctx)
+
+    def loss_weights_array(self, num_tasks: int, losses: Any = None) -> np.ndarray:
+        """The weights c (T,) float64 of a method with ``gradient_scope == "none"`` for T =
+        ``num_tasks`` tasks, without a Gramian: the lean path of ``aggregate``. The losses are
+        validated (their count against T) and c refused if misshapen or not finite."""
+        if self.gradient_scope != "none":
+            raise InvalidOptionError(f"{self.name} weighs by a Gramian, not by the losses alone")
+        ctx = self._context(None, losses, {}, num_tasks=num_tasks)
+        # No BLAS context: weights from T losses involve no matrix product.
+        return self._checked_array(self._compute(None, ctx)[0], ctx)
 
     @abstractmethod
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:

@@ -22,6 +22,8 @@ Two documented deviations from every reference implementation:
 
 from __future__ import annotations
 
+import os
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
@@ -37,6 +39,15 @@ _RCOND = 1e-13
 # Residual of K x = 1 above which no equal-projection direction exists.
 _RESIDUAL_TOL = 1e-8
 
+numba: ModuleType | None
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency; the NumPy path remains
+    numba = None
+
+# Outcomes of the compiled solve (``_raw_weights_compiled``).
+_SOLVED, _INFEASIBLE, _RANK_DEFICIENT = 0, 1, 2
+
 
 def imtl_g_weights(M: np.ndarray, sign_guard: str) -> tuple[np.ndarray, Diagnostics]:
     """IMTL-G weights alpha (D = J^T alpha) with the chosen sign guard."""
@@ -47,16 +58,17 @@ def imtl_g_weights(M: np.ndarray, sign_guard: str) -> tuple[np.ndarray, Diagnost
     diagnostics: Diagnostics = {"feasible": True, "sign_flipped": False, "fallback_to_mean": False}
     if live.size == 0:
         return alpha, diagnostics
-    K = cosine_matrix(M, norms)[np.ix_(live, live)]
-    ones = np.ones(live.size)
-    # Minimum norm: with exactly dependent gradients the normalization 1^T alpha = 1 depends on
-    # the solution chosen; the minimum-norm one treats duplicated tasks symmetrically.
-    x, _ = pivoted_cholesky_solve(K, ones, _RCOND, minimum_norm=True)
-    if np.max(np.abs(K @ x - ones)) > _RESIDUAL_TOL * max(1.0, float(np.abs(x).max())):
+    outcome = _RANK_DEFICIENT
+    if live.size == T and numba is not None and os.environ.get(
+            "DECONFLICT_KERNELS", "").lower() != "torch":
+        # Every gradient nonzero: the compiled solve, unless K is numerically singular.
+        a, outcome = _raw_weights_compiled(np.ascontiguousarray(M, dtype=np.float64), norms,
+                                           _RCOND, _RESIDUAL_TOL)
+    if outcome == _RANK_DEFICIENT:
+        a, outcome = _raw_weights(M, norms, live)
+    if outcome == _INFEASIBLE:
         diagnostics["feasible"] = False
         return alpha, diagnostics
-    a = np.zeros(T)
-    a[live] = x / norms[live]
     total = float(a.sum())
     normalizable = abs(total) > 1e-12 * float(np.abs(a).sum())
     if total > 0.0 and normalizable:
@@ -71,6 +83,85 @@ def imtl_g_weights(M: np.ndarray, sign_guard: str) -> tuple[np.ndarray, Diagnost
         diagnostics["sign_flipped"] = total < 0.0
     diagnostics["sum_of_raw_weights"] = total
     return alpha, diagnostics
+
+
+def _raw_weights(M: np.ndarray, norms: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, int]:
+    """(a, outcome): a = N^-1 x with K x = 1 on the live tasks (zero elsewhere), or
+    ``_INFEASIBLE`` when 1 is not in the range of K."""
+    a = np.zeros(M.shape[0])
+    K = cosine_matrix(M, norms)[np.ix_(live, live)]
+    ones = np.ones(live.size)
+    # Minimum norm: with exactly dependent gradients the normalization 1^T alpha = 1 depends on
+    # the solution chosen; the minimum-norm one treats duplicated tasks symmetrically.
+    x, _ = pivoted_cholesky_solve(K, ones, _RCOND, minimum_norm=True)
+    if np.max(np.abs(K @ x - ones)) > _RESIDUAL_TOL * max(1.0, float(np.abs(x).max())):
+        return a, _INFEASIBLE
+    a[live] = x / norms[live]
+    return a, _SOLVED
+
+
+if numba is not None:
+
+    @numba.njit(cache=True)
+    def _raw_weights_compiled(M, norms, rcond, residual_tol):  # pragma: no cover - compiled
+        # ``_raw_weights`` for nonzero norms, by the same pivoted Cholesky (LAPACK's dpstf2:
+        # the largest remaining diagonal first, stop when it is <= rcond) in compiled loops.
+        # A numerically singular K (rank < T) is left to the NumPy path and its minimum-norm
+        # solution: outcome _RANK_DEFICIENT.
+        T = norms.size
+        K = np.empty((T, T))
+        for i in range(T):
+            for j in range(T):
+                K[i, j] = min(max(M[i, j] / (norms[i] * norms[j]), -1.0), 1.0)
+            K[i, i] = 1.0
+        A = K.copy()
+        order = np.arange(T)
+        for j in range(T):
+            pivot = j
+            for i in range(j + 1, T):
+                if A[i, i] > A[pivot, pivot]:
+                    pivot = i
+            if not A[pivot, pivot] > rcond:
+                return np.zeros(T), 2
+            if pivot != j:  # symmetric swap of rows and columns j and pivot
+                for k in range(T):
+                    A[j, k], A[pivot, k] = A[pivot, k], A[j, k]
+                for k in range(T):
+                    A[k, j], A[k, pivot] = A[k, pivot], A[k, j]
+                order[j], order[pivot] = order[pivot], order[j]
+            root = np.sqrt(A[j, j])
+            A[j, j] = root
+            for i in range(j + 1, T):
+                A[i, j] /= root
+            for i in range(j + 1, T):  # the trailing Schur complement, both triangles (so
+                for k in range(j + 1, T):  # the next symmetric swap moves current entries)
+                    A[i, k] -= A[i, j] * A[k, j]
+        # L L^T y = 1 (the permuted right-hand side is all ones), then x[order] = y.
+        y = np.empty(T)
+        for i in range(T):
+            total = 1.0
+            for k in range(i):
+                total -= A[i, k] * y[k]
+            y[i] = total / A[i, i]
+        for i in range(T - 1, -1, -1):
+            total = y[i]
+            for k in range(i + 1, T):
+                total -= A[k, i] * y[k]
+            y[i] = total / A[i, i]
+        x = np.empty(T)
+        for i in range(T):
+            x[order[i]] = y[i]
+        largest = 1.0
+        worst = 0.0
+        for i in range(T):
+            largest = max(largest, abs(x[i]))
+            total = 0.0
+            for k in range(T):
+                total += K[i, k] * x[k]
+            worst = max(worst, abs(total - 1.0))
+        if worst > residual_tol * largest:
+            return np.zeros(T), 1
+        return x / norms, 0
 
 
 @register
