@@ -53,7 +53,12 @@ METHODS: dict[str, tuple[tuple[str, dict], tuple[str, dict] | None, tuple[str, d
 }
 MODES = ("sequential", "batched", "gramian", "features")
 # Kinds that need a tracked trunk (deconflict.track before the first forward pass).
-TRACKED = ("deconflict:gramian", "deconflict:auto-tracked", "gradients:gramian")
+TRACKED = ("deconflict:gramian", "deconflict:gramian-sweeps", "deconflict:auto-tracked",
+           "gradients:gramian")
+# "deconflict:gramian-sweeps": Gramian mode on a trunk tracked with max_sweeps=SWEEPS (the
+# layers' data swept in groups where it would exceed the plain step's memory; one weighted
+# backward pass for .grad).
+SWEEPS = 4
 
 
 def trunk(widths: tuple[int, ...] = WIDTHS) -> nn.Sequential:
@@ -196,7 +201,8 @@ def step(kind: str, method: str | None, tasks: int, *, widths: tuple[int, ...] =
 
     Kinds: "plain" (backward of the summed loss); "deconflict:<mode>" for the modes sequential,
     batched, gramian (tracked trunk), features (representation mode) and auto (the default call,
-    untracked trunk); "deconflict:auto-tracked" (mode auto on a tracked trunk: the library
+    untracked trunk); "deconflict:gramian-sweeps" (Gramian mode, the trunk tracked with
+    ``max_sweeps=SWEEPS``); "deconflict:auto-tracked" (mode auto on a tracked trunk: the library
     chooses); "gradients:<mode>" (the per-task gradients of the sequential or batched mode and
     nothing else: the floor under the method); "torchjd" and "torchjd:gramian" (autojac:
     ``mtl_backward`` + ``jac_to_grad``, the latter with ``optimize_gramian_computation``);
@@ -216,8 +222,9 @@ def step(kind: str, method: str | None, tasks: int, *, widths: tuple[int, ...] =
         name, options = METHODS[method][0]
         instance = deconflict.get(name, **options)
         if kind in TRACKED:
-            deconflict.track(work.trunk)
-        mode = "auto" if mode == "auto-tracked" else mode
+            deconflict.track(work.trunk,
+                             max_sweeps=SWEEPS if mode == "gramian-sweeps" else None)
+        mode = {"auto-tracked": "auto", "gramian-sweeps": "gramian"}.get(mode, mode)
 
         def run() -> deconflict.StepRecord:
             z, losses = work.forward()

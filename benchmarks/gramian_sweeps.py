@@ -19,11 +19,10 @@ from typing import Any
 from _harness import banner, compare, parser, save, setup, table
 from _workload import step
 
-import deconflict
 from deconflict import tracking
 
-SWEEPS = 4
-KINDS = ("plain", "deconflict:gramian", "swept", "torchjd:autogram")
+SWEPT = "deconflict:gramian-sweeps"  # max_sweeps = _workload.SWEEPS
+KINDS = ("plain", "deconflict:gramian", SWEPT, "torchjd:autogram")
 
 
 def main() -> None:
@@ -39,12 +38,8 @@ def main() -> None:
             runs = {}
             counts: list[int] = []
             for kind in KINDS:
-                real = "deconflict:gramian" if kind == "swept" else kind
-                run, work = step(real, None if kind == "plain" else "UPGrad", tasks,
-                                 architecture=architecture, small=args.quick)
-                if kind == "swept":
-                    deconflict.track(work.trunk, max_sweeps=SWEEPS)
-                runs[kind] = run
+                runs[kind], _ = step(kind, None if kind == "plain" else "UPGrad", tasks,
+                                     architecture=architecture, small=args.quick)
             original = tracking.sweep_groups
 
             def spy(*a: Any, original: Any = original, counts: list[int] = counts) -> Any:
@@ -53,16 +48,16 @@ def main() -> None:
                 return groups
 
             tracking.sweep_groups = spy  # type: ignore[assignment]
-            runs["swept"]()  # one step to count the swept mode's sweeps
+            runs[SWEPT]()  # one step to count the swept mode's sweeps
             tracking.sweep_groups = original
             sweeps = counts[-1]
             times = compare(runs, args.repeats, args.warmup)
             plain = times["plain"]
             rows.append({"workload": architecture, "T": tasks, "plain_ms": 1e3 * plain,
                          "gramian": times["deconflict:gramian"] / plain,
-                         "swept": times["swept"] / plain, "sweeps": sweeps,
+                         "swept": times[SWEPT] / plain, "sweeps": sweeps,
                          "autogram": times["torchjd:autogram"] / plain,
-                         "swept_vs_autogram": times["swept"] / times["torchjd:autogram"],
+                         "swept_vs_autogram": times[SWEPT] / times["torchjd:autogram"],
                          "gramian_vs_autogram": (times["deconflict:gramian"]
                                                  / times["torchjd:autogram"])})
             print(f"{architecture} T={tasks}: done", flush=True)

@@ -30,22 +30,14 @@ from typing import Any
 
 from _harness import banner, parser, save, setup, table
 
-# "deconflict:gramian-sweeps": Gramian mode on a trunk tracked with max_sweeps=SWEEPS (the
-# layers' data swept in groups where it would exceed the plain step's memory; one weighted
-# backward pass for .grad).
+# Gramian mode on a trunk tracked with max_sweeps (``_workload.SWEEPS``).
 SWEPT = "deconflict:gramian-sweeps"
-SWEEPS = 4
 VARIANTS = ["plain", "deconflict:sequential", "deconflict:batched", "deconflict:gramian", SWEPT,
             "deconflict:auto-tracked", "deconflict:features", "torchjd", "torchjd:gramian",
             "torchjd:autogram", "libmtl"]
 # Variants of the CNN and Transformer rows (the others are measured on the MLP).
 LEAN_VARIANTS = ["plain", "deconflict:sequential", "deconflict:gramian", SWEPT,
                  "deconflict:auto-tracked", "torchjd", "torchjd:autogram"]
-
-
-def _kind(kind: str) -> str:
-    """The step kind of ``_workload`` a variant runs."""
-    return "deconflict:gramian" if kind == SWEPT else kind
 
 
 def _status(field: str) -> int:
@@ -61,23 +53,18 @@ def child(kind: str, method: str, tasks: int, steps: int, architecture: str) -> 
     import torch
     from _workload import step
 
-    import deconflict
 
     torch.manual_seed(0)
     # Import and compile what the variant uses (same number of tasks, same layer types) on a
     # tiny model.
-    warm, warm_work = step(_kind(kind), method, tasks, architecture=architecture, small=True)
-    if kind == SWEPT:
-        deconflict.track(warm_work.trunk, max_sweeps=SWEEPS)
+    warm, warm_work = step(kind, method, tasks, architecture=architecture, small=True)
     for _ in range(2):
         warm()
     del warm, warm_work
     with open("/proc/self/clear_refs", "w", encoding="utf-8") as handle:
         handle.write("5")  # reset VmHWM to the current resident size
     before = _status("VmRSS")
-    run, work = step(_kind(kind), method, tasks, architecture=architecture)
-    if kind == SWEPT:
-        deconflict.track(work.trunk, max_sweeps=SWEEPS)  # the step's tracker, option set
+    run, work = step(kind, method, tasks, architecture=architecture)
     for _ in range(steps):
         run()
     peak = _status("VmHWM")
@@ -91,7 +78,7 @@ def _measure(job: tuple[str, int, str, str], args: argparse.Namespace
     from _workload import available
 
     architecture, tasks, kind, method = job
-    why = available(_kind(kind), method, tasks, architecture)
+    why = available(kind, method, tasks, architecture)
     if why is not None:
         return None, why
     command = [sys.executable, __file__, "--child", kind, method, str(tasks), architecture,

@@ -80,8 +80,11 @@ def row_list(rows: Rows) -> list[Tensor]:
     return [row.reshape(-1) for row in rows]
 
 
-def _torch_forced() -> bool:
-    return numba is None or os.environ.get("DECONFLICT_KERNELS", "").lower() == "torch"
+def compiled() -> bool:
+    """Whether the compiled (numba) implementations run - these kernels, and the compiled T x T
+    solves of ``solvers`` and IMTL-G: numba is installed and ``DECONFLICT_KERNELS=torch`` does
+    not ask for the plain implementations."""
+    return numba is not None and os.environ.get("DECONFLICT_KERNELS", "").lower() != "torch"
 
 
 def backend(tensors: Rows) -> str:
@@ -92,7 +95,7 @@ def backend(tensors: Rows) -> str:
     'torch'
     """
     rows = [tensors] if isinstance(tensors, Tensor) else list(tensors)
-    if _torch_forced():
+    if not compiled():
         return "torch"
     first = rows[0]
     for row in rows:
@@ -518,7 +521,7 @@ def _compiled_input(rows: Rows) -> tuple[Any, int, int] | None:
             raise ValueError(f"a block of rows must be 2-D, got shape {tuple(rows.shape)}")
         if rows.shape[0] == 0:
             raise ValueError("no rows")
-        if (_torch_forced() or rows.device.type != "cpu"
+        if (not compiled() or rows.device.type != "cpu"
                 or rows.dtype not in _COMPILED_DTYPES or rows.is_conj() or rows.is_neg()):
             return None
         if rows.is_contiguous():
@@ -533,7 +536,7 @@ def _compiled_input(rows: Rows) -> tuple[Any, int, int] | None:
     for row in listed:
         if row.numel() != width:
             raise ValueError(f"rows of different lengths: {sorted({r.numel() for r in listed})}")
-    if _torch_forced():
+    if not compiled():
         return None
     for row in listed:
         if (row.device.type != "cpu" or row.dtype != first.dtype
@@ -645,7 +648,7 @@ def compiled_matrix(jacobian: Tensor) -> np.ndarray | None:
     None if the compiled kernels cannot read it as it is."""
     if (jacobian.ndim != 2 or jacobian.shape[0] == 0 or jacobian.device.type != "cpu"
             or jacobian.dtype not in _COMPILED_DTYPES or not jacobian.is_contiguous()
-            or jacobian.is_neg() or _torch_forced()):
+            or jacobian.is_neg() or not compiled()):
         return None
     return jacobian.detach().numpy()
 

@@ -22,20 +22,13 @@ spanning 1e12 (``benchmarks/norm_spans.py`` measures the largest span each one h
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from types import ModuleType
 
 import numpy as np
 from scipy.optimize import brentq, linprog, nnls
 
+from .kernels import compiled, numba
 from .linalg import cosine_matrix, task_norms
-
-numba: ModuleType | None
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; the NumPy solver remains
-    numba = None
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -109,7 +102,7 @@ def min_norm_solution(gramian: np.ndarray) -> tuple[np.ndarray, bool]:
         w = np.zeros(T)
         w[zero[0]] = 1.0
         return w, True
-    if _compiled_min_norm():
+    if compiled():
         w, verified = _min_norm_compiled(np.ascontiguousarray(gramian, dtype=np.float64),
                                          np.ascontiguousarray(n), 20 * T + 50)
         if w.size:
@@ -117,13 +110,6 @@ def min_norm_solution(gramian: np.ndarray) -> tuple[np.ndarray, bool]:
         # A face whose bordered system is singular (affinely dependent gradients): NumPy's
         # path takes the least-squares minimizer there; it redoes the whole solve.
     return _min_norm_numpy(gramian, n)
-
-
-def _compiled_min_norm() -> bool:
-    """Whether ``min_norm_solution`` runs the compiled active set (``_min_norm_compiled``):
-    numba is there and ``DECONFLICT_KERNELS=torch`` does not ask for the plain implementations.
-    """
-    return numba is not None and os.environ.get("DECONFLICT_KERNELS", "").lower() != "torch"
 
 
 def _min_norm_numpy(gramian: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, bool]:

@@ -22,12 +22,11 @@ Two documented deviations from every reference implementation:
 
 from __future__ import annotations
 
-import os
-from types import ModuleType
 from typing import Literal
 
 import numpy as np
 
+from ..kernels import compiled, numba
 from ..linalg import cosine_matrix, pivoted_cholesky_solve, task_norms
 from ._zero_update import note_zero_update
 from .base import Context, Diagnostics, GramianWeighting
@@ -39,11 +38,6 @@ _RCOND = 1e-13
 # Residual of K x = 1 above which no equal-projection direction exists.
 _RESIDUAL_TOL = 1e-8
 
-numba: ModuleType | None
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; the NumPy path remains
-    numba = None
 
 # Outcomes of the compiled solve (``_raw_weights_compiled``).
 _SOLVED, _INFEASIBLE, _RANK_DEFICIENT = 0, 1, 2
@@ -59,8 +53,7 @@ def imtl_g_weights(M: np.ndarray, sign_guard: str) -> tuple[np.ndarray, Diagnost
     if live.size == 0:
         return alpha, diagnostics
     outcome = _RANK_DEFICIENT
-    if live.size == T and numba is not None and os.environ.get(
-            "DECONFLICT_KERNELS", "").lower() != "torch":
+    if live.size == T and compiled():
         # Every gradient nonzero: the compiled solve, unless K is numerically singular.
         a, outcome = _raw_weights_compiled(np.ascontiguousarray(M, dtype=np.float64), norms,
                                            _RCOND, _RESIDUAL_TOL)
