@@ -53,12 +53,11 @@ METHODS: dict[str, tuple[tuple[str, dict], tuple[str, dict] | None, tuple[str, d
 }
 MODES = ("sequential", "batched", "gramian", "features")
 # Kinds that need a tracked trunk (deconflict.track before the first forward pass).
-TRACKED = ("deconflict:gramian", "deconflict:gramian-sweeps", "deconflict:auto-tracked",
-           "gradients:gramian")
-# "deconflict:gramian-sweeps": Gramian mode on a trunk tracked with max_sweeps=SWEEPS (the
-# layers' data swept in groups where it would exceed the plain step's memory; one weighted
-# backward pass for .grad).
-SWEEPS = 4
+# "deconflict:gramian" is mode="gramian" on a trunk tracked as usual: it sweeps the rows in
+# groups of layers where their data would exceed the plain step's memory (one weighted backward
+# pass for .grad; ``tracking.sweeps_for``); "deconflict:auto-tracked" is mode="auto" there,
+# which takes one sweep (the fastest Gramian mode).
+TRACKED = ("deconflict:gramian", "deconflict:auto-tracked", "gradients:gramian")
 
 
 def trunk(widths: tuple[int, ...] = WIDTHS) -> nn.Sequential:
@@ -200,12 +199,13 @@ def step(kind: str, method: str | None, tasks: int, *, widths: tuple[int, ...] =
     """A training step of ``kind``; each call builds its own model.
 
     Kinds: "plain" (backward of the summed loss); "deconflict:<mode>" for the modes sequential,
-    batched, gramian (tracked trunk), features (representation mode) and auto (the default call,
-    untracked trunk); "deconflict:gramian-sweeps" (Gramian mode, the trunk tracked with
-    ``max_sweeps=SWEEPS``); "deconflict:auto-tracked" (mode auto on a tracked trunk: the library
-    chooses); "gradients:<mode>" (the per-task gradients of the sequential or batched mode and
-    nothing else: the floor under the method); "torchjd" and "torchjd:gramian" (autojac:
-    ``mtl_backward`` + ``jac_to_grad``, the latter with ``optimize_gramian_computation``);
+    batched, gramian (tracked trunk; swept in groups where its data would exceed the plain
+    step's memory), features (representation mode) and auto (the default call, untracked
+    trunk); "deconflict:auto-tracked" (mode auto on a tracked trunk: the library chooses; its
+    Gramian mode takes one sweep); "gradients:<mode>" (the per-task gradients of the
+    sequential or batched mode and nothing else: the floor under the method); "torchjd" and
+    "torchjd:gramian" (autojac: ``mtl_backward`` + ``jac_to_grad``, the latter with
+    ``optimize_gramian_computation``);
     "torchjd:autogram" (the autogram engine on the trunk, ``batch_dim=None``, with the method's
     Gramian weighting); "libmtl". A deconflict step returns its StepRecord.
     """
@@ -222,9 +222,8 @@ def step(kind: str, method: str | None, tasks: int, *, widths: tuple[int, ...] =
         name, options = METHODS[method][0]
         instance = deconflict.get(name, **options)
         if kind in TRACKED:
-            deconflict.track(work.trunk,
-                             max_sweeps=SWEEPS if mode == "gramian-sweeps" else None)
-        mode = {"auto-tracked": "auto", "gramian-sweeps": "gramian"}.get(mode, mode)
+            deconflict.track(work.trunk)
+        mode = {"auto-tracked": "auto"}.get(mode, mode)
 
         def run() -> deconflict.StepRecord:
             z, losses = work.forward()

@@ -3,6 +3,7 @@ no-GPU exit and its checks' power to fail. No timing here (benchmarks print thei
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -83,4 +84,21 @@ def test_gramian_sweeps_script_runs_and_sweeps(tmp_path: Path) -> None:
          "--tasks", "3", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=BENCHMARKS)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert out.exists() and "swept / autogram" in done.stdout
+    assert out.exists() and "gramian / autogram" in done.stdout
+
+
+def test_step_script_prints_both_tables_at_toy_size(tmp_path: Path) -> None:
+    """step.py at toy sizes, a T = 3 workload and the T = 40 one: both tables and the goal
+    ratios are printed (every method in mode="gramian" and mode="auto" at T = 40)."""
+    out = tmp_path / "step.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "step.py"), "--workloads", "celeba,mlp", "--tasks", "3",
+         "--small", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=BENCHMARKS)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Gramian / autogram (goal <= 0.8)" in done.stdout
+    assert "auto / fastest method's auto (goal <= 1.2)" in done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    many = [row for row in rows if row["workload"] == "celeba"]
+    assert {row["method"] for row in many} >= {"UPGrad", "MGDA", "GradOPS"}
+    assert all(row["deconflict:auto-tracked_ms"] and row["deconflict:gramian_ms"] for row in many)

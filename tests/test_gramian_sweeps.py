@@ -1,8 +1,9 @@
 """Gramian-only mode swept in groups of layers (``tracking.sweep_groups``): the same M and .grad.
 
-On a trunk tracked with ``track(trunk, max_sweeps=S)``, when the rules' data (R x their
-parameters or layer outputs) would exceed an estimate of the plain step's memory, the rows are
-swept once per group of rules (at most S), each group's share of M is
+In Gramian mode, when the rules' data (R x their parameters or layer outputs) would exceed an
+estimate of the plain step's memory, the rows are swept once per group of rules (at most S:
+``DEFAULT_MAX_SWEEPS`` for mode="gramian", 1 for mode="auto", or the ``max_sweeps`` of
+``track(trunk, max_sweeps=S)``), each group's share of M is
 formed and its data dropped, and ``.grad`` comes from one weighted backward pass. The tests
 force the sweeps (``SWEEP_BUDGET`` tiny, ``SWEEP_MINIMUM`` 0: as many groups as
 ``max_sweeps`` = 4 allows) and check,
@@ -11,7 +12,8 @@ on a small CNN (convolution, batch norm, pooling), a Transformer encoder (an emb
 
 - M against J J^T of the float64 Jacobian, swept and unswept;
 - ``.grad`` against the sequential mode's, and the heads' gradient;
-- the grouping (contiguous in depth, every rule once), the option's validation, a NaN in a
+- the grouping (contiguous in depth, every rule once), the number of sweeps each mode takes,
+  the option's validation, a NaN in a
   lower group's gradient named by task with ``.grad`` unchanged, frozen parameters,
   ``retain_graph``, loss scaling.
 
@@ -218,7 +220,7 @@ def test_groups_are_contiguous_in_depth_and_cover_every_rule(sweeps):
     reached = [p for p in trunk.parameters() if p.requires_grad]
     shared = [(name, p, name) for name, p in trunk.named_parameters()]
     rules, _ = tracking._rules(tracker, losses, shared, reached, TASKS)
-    groups = tracking.sweep_groups(tracker, rules, reached, TASKS)
+    groups = tracking.sweep_groups(tracker, rules, reached, TASKS, SWEEPS)
     assert len(groups) == min(SWEEPS, len(rules))
     assert sorted(id(r) for g in groups for r in g) == sorted(id(r) for r in rules)
     last = {call.name: k for k, call in enumerate(tracker.calls)}
@@ -234,18 +236,40 @@ def test_groups_are_contiguous_in_depth_and_cover_every_rule(sweeps):
     tracker.remove()
 
 
-@pytest.mark.parametrize("max_sweeps", [None, SWEEPS])
-def test_one_sweep_by_default_and_for_small_data(max_sweeps):
-    """Untracked option: one sweep; with it, one where the rules hold < ``SWEEP_MINIMUM``."""
+@pytest.mark.parametrize("max_sweeps", [1, SWEEPS])
+def test_one_sweep_for_small_data(max_sweeps):
+    """One sweep where the rules hold < ``SWEEP_MINIMUM`` elements, whatever the option."""
     for name in MODELS:
         trunk, heads, x, targets = setup(name)
-        tracker = deconflict.track(trunk, max_sweeps=max_sweeps)
+        tracker = deconflict.track(trunk)
         losses = task_losses(trunk, heads, x, targets)
         reached = [p for p in trunk.parameters() if p.requires_grad]
         shared = [(n, p, n) for n, p in trunk.named_parameters()]
         rules, _ = tracking._rules(tracker, losses, shared, reached, TASKS)
-        assert len(tracking.sweep_groups(tracker, rules, reached, TASKS)) == 1
+        assert len(tracking.sweep_groups(tracker, rules, reached, TASKS, max_sweeps)) == 1
         tracker.remove()
+
+
+@pytest.mark.parametrize("name", ["cnn", "transformer"])
+def test_mode_gramian_sweeps_by_default_and_auto_does_not(name, monkeypatch):
+    """Where the rules' data exceeds the budget: mode="gramian" sweeps in up to
+    ``DEFAULT_MAX_SWEEPS`` groups (the lean mode), mode="auto" once (the fast choice); a
+    tracker's ``max_sweeps`` applies to both. Every variant gives the same weights."""
+    counts = force_sweeps(monkeypatch)
+    weights = []
+    for max_sweeps, mode, expected in [(None, "gramian", tracking.DEFAULT_MAX_SWEEPS),
+                                       (None, "auto", 1), (1, "gramian", 1), (2, "auto", 2)]:
+        trunk, heads, x, targets = setup(name)
+        deconflict.track(trunk, max_sweeps=max_sweeps)
+        record = deconflict.backward(task_losses(trunk, heads, x, targets), trunk, "upgrad",
+                                     mode=mode)
+        assert record.mode == "gramian"
+        rules = len(deconflict.tracker_of(trunk).rules)
+        assert counts.pop() == min(expected, rules), (max_sweeps, mode)
+        weights.append(record.weights)
+        deconflict.tracker_of(trunk).remove()
+    for other in weights[1:]:
+        torch.testing.assert_close(other, weights[0], rtol=1e-9, atol=1e-12)
 
 
 def test_a_nan_in_a_lower_group_is_named_and_grad_is_unchanged(sweeps):
@@ -330,8 +354,8 @@ def test_loss_scaling_gives_the_scaled_update(sweeps):
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])
 def test_max_sweeps_is_validated(bad):
     trunk = mlp()
-    if bad is None:  # None keeps the current value (1 for a new tracker)
-        assert deconflict.track(trunk, max_sweeps=bad).max_sweeps == 1
+    if bad is None:  # None keeps the current value (None, the mode's default, when new)
+        assert deconflict.track(trunk, max_sweeps=bad).max_sweeps is None
         deconflict.tracker_of(trunk).remove()
         return
     with pytest.raises(deconflict.InvalidOptionError, match="max_sweeps must be"):
@@ -342,7 +366,7 @@ def test_max_sweeps_is_validated(bad):
 def test_max_sweeps_of_a_tracked_trunk_can_be_changed():
     trunk = mlp()
     tracker = deconflict.track(trunk)
-    assert tracker.max_sweeps == 1
+    assert tracker.max_sweeps is None
     assert deconflict.track(trunk, max_sweeps=3) is tracker and tracker.max_sweeps == 3
     assert deconflict.track(trunk) is tracker and tracker.max_sweeps == 3
     tracker.remove()

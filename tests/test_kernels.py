@@ -49,7 +49,7 @@ def relative_error(ours: np.ndarray, exact: np.ndarray, A: torch.Tensor, B: torc
 @pytest.fixture(params=["numba", "torch"])
 def backend(request, monkeypatch):
     if request.param == "torch":
-        monkeypatch.setenv("DECONFLICT_KERNELS", "torch")
+        monkeypatch.setattr(kernels, "_COMPILED", False)  # as DECONFLICT_KERNELS=torch does
     return request.param
 
 
@@ -206,6 +206,41 @@ def test_the_matrix_entry_points_match_the_general_ones(rows, columns, seed, dty
     out = np.empty(columns, dtype=array.dtype)
     kernels.matrix_combine(array, c.numpy(), out)
     assert np.array_equal(out, expected.numpy())
+
+
+@given(rows=st.integers(1, 9), columns=st.integers(1, 3000), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([np.float32, np.float64]),
+       bad=st.sampled_from([None, math.nan, math.inf, -math.inf, 3e38, 1e308]))
+def test_matrix_combine_reports_whether_its_output_is_finite(rows, columns, seed, dtype, bad):
+    """The finiteness check fused into ``matrix_combine`` (``aggregate``'s sum and mean rely
+    on it): True exactly when every written element is finite - a NaN or infinity in J, or a
+    float64 sum beyond out's dtype (3e38 times a weight above 1.14 in float32; 1e308 in both)."""
+    generator = np.random.default_rng(seed)
+    J = generator.standard_normal((rows, columns)).astype(dtype)
+    c = 2 * generator.standard_normal(rows)
+    if bad is not None:
+        with np.errstate(over="ignore"):  # 1e308 is infinite in float32
+            J[generator.integers(rows), generator.integers(columns)] = bad
+    out = np.empty(columns, dtype=dtype)
+    assert kernels.matrix_combine(J, c, out) == bool(np.isfinite(out).all())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matrix_combine_finds_a_nan_in_any_thread_share(threads):
+    """Above the parallel size each thread checks its own columns: a NaN in the last column
+    (the last thread's share) is reported as in the first."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        columns = 2 * kernels._PARALLEL_ELEMENTS
+        for where in (0, columns - 1):
+            J = np.ones((2, columns), dtype=np.float32)
+            out = np.empty(columns, dtype=np.float32)
+            assert kernels.matrix_combine(J, np.ones(2), out)
+            J[1, where] = math.nan
+            assert not kernels.matrix_combine(J, np.ones(2), out)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_compiled_matrix_refuses_what_the_kernels_cannot_read():

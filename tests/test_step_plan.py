@@ -139,6 +139,26 @@ def test_the_plan_says_when_heads_come_first_and_what_is_exchanged():
     assert not plan("upgrad", {}).exchanges
 
 
+def test_the_plan_says_how_many_sweeps_gramian_mode_may_take():
+    """mode="gramian" bounds its memory (up to ``DEFAULT_MAX_SWEEPS`` sweeps), auto's Gramian
+    mode is the fast one (one sweep); a tracker's own ``max_sweeps`` applies to both."""
+    from deconflict.tracking import DEFAULT_MAX_SWEEPS
+
+    upgrad = resolve_method("upgrad")
+    default = tracker()
+    assert plan_step(upgrad, mode="gramian", tracker=default).max_sweeps == DEFAULT_MAX_SWEEPS
+    assert plan_step(upgrad, mode="auto", tracker=default).max_sweeps == 1
+    assert plan_step(upgrad, mode="sequential", tracker=default).max_sweeps == 1
+    assert plan_step(resolve_method("mean"), mode="auto", tracker=default).max_sweeps == 1
+    default.remove()
+    for value in (1, 3):
+        chosen = deconflict.track(nn.Linear(2, 2), max_sweeps=value)
+        assert plan_step(upgrad, mode="gramian", tracker=chosen).max_sweeps == value
+        assert plan_step(upgrad, mode="auto", tracker=chosen).max_sweeps == value
+        chosen.remove()
+    assert plan_step(upgrad).max_sweeps == 1
+
+
 def test_the_plan_is_frozen():
     result = plan("upgrad", {})
     with pytest.raises(AttributeError):

@@ -439,7 +439,7 @@ class _TrackedGramian(_Source):
         self.differentiated, self.A = _combined_rows(plan.method, self.rows)
         _check_connected(self.differentiated, step, combination=self.A is not None)
         tracked = tracked_gramian(tracker, self.differentiated, step.shared, self.reached,
-                                  plan.chunk_size, plan.scale.factor)
+                                  plan.chunk_size, plan.scale.factor, plan.max_sweeps)
         if isinstance(tracked, NonFinite):
             # The pieces of M are per layer: the task is found from its own gradient.
             names = [f"shared parameter {name}" for name, p, _ in step.shared

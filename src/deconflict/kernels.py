@@ -27,7 +27,7 @@ Two implementations:
   chunks, multiplied with ``torch.mm``. Correct everywhere; slower on the CPU because BLAS is
   poorly suited to T x T products with a long inner dimension.
 
-``DECONFLICT_KERNELS=torch`` forces the second, e.g. to compare them.
+``DECONFLICT_KERNELS=torch`` (read at import) forces the second, e.g. to compare them.
 """
 
 from __future__ import annotations
@@ -80,11 +80,16 @@ def row_list(rows: Rows) -> list[Tensor]:
     return [row.reshape(-1) for row in rows]
 
 
+# Read once, at import: the check runs on every call of the lean paths, where reading the
+# environment would be a tenth of the cost of aggregate(J, "mean") at d = 1e3.
+_COMPILED = numba is not None and os.environ.get("DECONFLICT_KERNELS", "").lower() != "torch"
+
+
 def compiled() -> bool:
     """Whether the compiled (numba) implementations run - these kernels, and the compiled T x T
-    solves of ``solvers`` and IMTL-G: numba is installed and ``DECONFLICT_KERNELS=torch`` does
-    not ask for the plain implementations."""
-    return numba is not None and os.environ.get("DECONFLICT_KERNELS", "").lower() != "torch"
+    solves of ``solvers`` and IMTL-G: numba is installed and ``DECONFLICT_KERNELS=torch`` was
+    not set, when deconflict was imported, to ask for the plain implementations."""
+    return _COMPILED
 
 
 def backend(tensors: Rows) -> str:
@@ -428,8 +433,12 @@ if numba is not None:
                        accumulate):  # pragma: no cover - compiled
         # out[first:last] (+)= sum_{i < count} weights[i] X_i[first:last], summed in float64.
         # Rows go in groups of four, so the float64 accumulator is read and written once per
-        # four rows.
+        # four rows. Returns the sum of out[k] - out[k] over the written elements: 0 if they
+        # are all finite, NaN if one is not (inf - inf is NaN) - the finiteness check for two
+        # operations per element in out's dtype, in the pass that writes it, on the value as
+        # stored: an overflow of float32 shows too.
         acc = np.empty(min(chunk, last - first))
+        check = np.zeros(1, dtype=out.dtype)[0]  # in out's dtype: no conversion per element
         for start in range(first, last, chunk):
             stop = min(last, start + chunk)
             width = stop - start
@@ -444,6 +453,22 @@ if numba is not None:
                     acc[k] = (c0 * np.float64(r0[k]) + c1 * np.float64(r1[k])
                               + c2 * np.float64(r2[k]) + c3 * np.float64(r3[k]))
                 done = 4
+            elif count == 3:  # one pass, not three, for the common T = 3
+                r0 = xs[0][start:stop]
+                r1 = xs[1][start:stop]
+                r2 = xs[2][start:stop]
+                c0, c1, c2 = weights[0], weights[1], weights[2]
+                for k in range(width):
+                    acc[k] = (c0 * np.float64(r0[k]) + c1 * np.float64(r1[k])
+                              + c2 * np.float64(r2[k]))
+                done = 3
+            elif count == 2:
+                r0 = xs[0][start:stop]
+                r1 = xs[1][start:stop]
+                c0, c1 = weights[0], weights[1]
+                for k in range(width):
+                    acc[k] = c0 * np.float64(r0[k]) + c1 * np.float64(r1[k])
+                done = 2
             else:
                 r0 = xs[0][start:stop]
                 c0 = weights[0]
@@ -471,9 +496,12 @@ if numba is not None:
             if accumulate:
                 for k in range(width):
                     target[k] = np.float64(target[k]) + acc[k]
+                    check += target[k] - target[k]
             else:
                 for k in range(width):
                     target[k] = acc[k]
+                    check += target[k] - target[k]
+        return check
 
 
 # ------------------------------------------------------------------------------------ threads
@@ -627,20 +655,33 @@ def matrix_gramian(rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def matrix_combine(rows: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
+def matrix_combine(rows: np.ndarray, weights: np.ndarray, out: np.ndarray) -> bool:
     """out = J^T c for a C-contiguous T x n array (float64 sums, rounded once into the
-    contiguous ``out`` of n elements), with no checks: the lean path of ``aggregate``."""
+    contiguous ``out`` of n elements), with no checks of its inputs: the lean path of
+    ``aggregate``. Returns whether every element of ``out`` is finite (checked in the same pass:
+    a NaN or infinity in J or c, or an overflow of out's dtype, leaves a non-finite element).
+
+    >>> import numpy as np
+    >>> out = np.empty(2, dtype=np.float32)
+    >>> matrix_combine(np.array([[1, 2], [3, 4]], dtype=np.float32), np.array([1.0, -1.0]), out)
+    True
+    >>> out
+    array([-2., -2.], dtype=float32)
+    """
     count, columns = rows.shape
+    if columns == 0:
+        return True
     units = -(-columns // _COMBINE_UNIT)
     if _threads(units, count * columns) <= 1:
-        _combine_range(rows, count, weights, out, 0, columns, _COMBINE_CHUNK, False)
-        return
+        return _combine_range(rows, count, weights, out, 0, columns, _COMBINE_CHUNK, False) == 0
+    checks: list[float] = []
 
     def work(first: int, last: int) -> None:
-        _combine_range(rows, count, weights, out, first * _COMBINE_UNIT,
-                       min(columns, last * _COMBINE_UNIT), _COMBINE_CHUNK, False)
+        checks.append(_combine_range(rows, count, weights, out, first * _COMBINE_UNIT,
+                                     min(columns, last * _COMBINE_UNIT), _COMBINE_CHUNK, False))
 
     _run(work, units, count * columns)
+    return all(check == 0 for check in checks)
 
 
 def compiled_matrix(jacobian: Tensor) -> np.ndarray | None:

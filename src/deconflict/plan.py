@@ -17,7 +17,9 @@ The gradient source a plan chooses:
 - "tracked": the Gramian from the tracked trunk's layer calls, never the Jacobian ("gramian").
 
 ``mode="auto"`` is "gramian" when the trunk is tracked, no features are given and the method's
-weights come from the Gramian alone (``update.weighs_by_gramian``), else "sequential". Why
+weights come from the Gramian alone (``update.weighs_by_gramian``), else "sequential"; auto's
+Gramian mode takes one sweep of the rows unless the trunk was tracked with ``max_sweeps``,
+whereas mode="gramian" bounds its memory by sweeping in groups (``tracking.sweeps_for``). Why
 (measured side by side on the MLP, CNN and Transformer workloads, ``docs/performance.md``,
 "Gramian-only mode and mode='auto'"):
 
@@ -51,7 +53,7 @@ from .methods.base import (
     Method,
 )
 from .scaling import NO_SCALE, LossScale
-from .tracking import LayerTracker
+from .tracking import LayerTracker, sweeps_for
 from .update import last_layer_scope, weighs_by_gramian
 
 HeadWeights = Literal["auto", "unit", "method"]
@@ -81,6 +83,8 @@ class StepPlan:
     reducer: Reducer = NO_REDUCER
     scale: LossScale = NO_SCALE
     tracker: LayerTracker | None = None
+    # Gramian mode: the most groups of layers the rows may be swept in (``tracking.sweeps_for``).
+    max_sweeps: int = 1
 
     @property
     def per_task(self) -> bool:
@@ -163,6 +167,7 @@ def plan_step(
                 "mode='gramian' needs the shared trunk as a module tracked before the forward "
                 "pass: call tracker = deconflict.track(trunk) once, then backward(losses, trunk, "
                 "method, mode='gramian')")
+    requested = mode
     if mode == "auto":
         mode = "gramian" if tracker is not None and from_gramian and not features else "sequential"
     per_task = (not isinstance(method, LossWeighting) or method.gradient_scope == "shared"
@@ -187,7 +192,8 @@ def plan_step(
         method=method, mode=mode,  # type: ignore[arg-type]  # "auto" is resolved above
         source=source, chunk_size=1 if mode == "sequential" else chunk_size,
         features=features, head_weights=head_weights,  # type: ignore[arg-type]  # checked
-        retain_graph=retain_graph, reducer=reducer, scale=scale, tracker=tracker)
+        retain_graph=retain_graph, reducer=reducer, scale=scale, tracker=tracker,
+        max_sweeps=sweeps_for(tracker, requested) if source == "tracked" and tracker else 1)
 
 
 def _protocol(method: Method) -> str:

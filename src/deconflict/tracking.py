@@ -26,10 +26,12 @@ the two agree to that rounding, not to float64. The other rules use autograd's o
 Memory: the Delta rules hold R x (their layers' outputs), the Jacobian rules R x (their
 parameters) - never more than the batched mode's Jacobian, and for wide layers on small batches
 far less (``docs/performance.md``, "Gramian-only mode and mode='auto'"). Where that would exceed
-an estimate of what the plain step holds anyway and the trunk was tracked with
-``max_sweeps`` > 1, the rules are swept in groups (``sweep_groups``): each group's R passes,
-its share of M, its data dropped; then ``.grad`` from one weighted backward pass of
-sum_k r_k row_k. The same M; about 1/S of the memory for up to S - 1 extra passes per row.
+half an estimate of what the plain step holds anyway, the rules are swept in up to S groups
+(``sweep_groups``): each group's R passes, its share of M, its data dropped; then ``.grad``
+from one weighted backward pass of sum_k r_k row_k. The same M; about 1/S of the memory for up
+to S - 1 extra passes per row. S is ``max_sweeps`` (``track``): by default
+``DEFAULT_MAX_SWEEPS`` when Gramian mode is asked for (mode="gramian": the lean mode) and 1
+when mode="auto" chose it (the fast choice).
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ from .layer_gramians import (
 TRACKER_ATTRIBUTE = "_deconflict_tracker"
 # Forward passes without a backward after which the tracker warns (each keeps its graph alive).
 _PENDING_WARNING = 32
+# The most groups mode="gramian" sweeps the rows in by default (``sweep_groups``). On the
+# Transformer workload at T = 10 three bring the peak from 1.9x to 1.44x a plain step
+# (docs/performance.md, "Sweeping the rows in groups of layers").
+DEFAULT_MAX_SWEEPS = 4
 
 
 @dataclass
@@ -107,9 +113,10 @@ class LayerTracker:
     >>> tracker.remove()
     """
 
-    def __init__(self, trunk: nn.Module, max_sweeps: int = 1) -> None:
+    def __init__(self, trunk: nn.Module, max_sweeps: int | None = None) -> None:
         self.trunk = trunk
-        self.max_sweeps = _checked_sweeps(max_sweeps)
+        # None: the mode's default (``sweeps_for``).
+        self.max_sweeps: int | None = None if max_sweeps is None else _checked_sweeps(max_sweeps)
         self.calls: list[_Call] = []
         # After each Gramian-mode step: the rule each module got ("kernel", "embedding",
         # "jacobian", or "fallback" for parameters the records cannot account for).
@@ -184,14 +191,17 @@ def track(trunk: nn.Module, *, max_sweeps: int | None = None) -> LayerTracker:
     trunk is then tracked (``tracker_of(trunk)``), and ``mode="auto"`` uses Gramian-only mode
     for the methods that need only the Gramian; ``tracker.remove()`` untracks it.
 
-    ``max_sweeps`` (an int >= 1; default 1, or the tracker's current value when the trunk is
-    already tracked) trades time for memory: where the per-layer data Gramian mode holds
+    ``max_sweeps`` trades time for memory: where the per-layer data Gramian mode holds
     (R x the parameters of the layers without a kernel rule, R x the outputs of those with
-    one) would exceed an estimate of what the plain step holds, the R rows are swept in up to
+    one) would exceed half an estimate of what the plain step holds, the R rows are swept in up to
     that many groups of layers, each group's data dropped once its share of M is formed, and
     ``.grad`` is written by one weighted backward pass (``sweep_groups``). The same M and
     update; about 1 / S of that memory for S sweeps, at the cost of up to S - 1 extra
-    backward passes per row and one for the update.
+    backward passes per row and one for the update. An int >= 1 applies to every step; None
+    (the default; on a tracked trunk: keep its current value) leaves it to the mode: up to
+    ``DEFAULT_MAX_SWEEPS`` for mode="gramian", which bounds its memory, and 1 when mode="auto"
+    picks Gramian mode as the fastest (``sweeps_for``). ``max_sweeps=1`` asks for the fastest
+    Gramian mode whatever it holds.
 
     >>> import deconflict, torch
     >>> trunk = torch.nn.Linear(3, 4)
@@ -210,7 +220,23 @@ def track(trunk: nn.Module, *, max_sweeps: int | None = None) -> LayerTracker:
         if max_sweeps is not None:
             existing.max_sweeps = _checked_sweeps(max_sweeps)
         return existing
-    return LayerTracker(trunk, 1 if max_sweeps is None else max_sweeps)
+    return LayerTracker(trunk, max_sweeps)
+
+
+def sweeps_for(tracker: LayerTracker, requested_mode: str) -> int:
+    """The most sweeps a step in Gramian mode may take: the tracker's ``max_sweeps`` if set,
+    else ``DEFAULT_MAX_SWEEPS`` where the mode asked for was "gramian" and 1 where "auto" chose
+    it (auto picks the fastest exact mode; the sweeps cost passes to save memory).
+
+    >>> import torch
+    >>> tracker = track(torch.nn.Linear(2, 2))
+    >>> sweeps_for(tracker, "gramian"), sweeps_for(tracker, "auto")
+    (4, 1)
+    >>> tracker.remove()
+    """
+    if tracker.max_sweeps is not None:
+        return tracker.max_sweeps
+    return DEFAULT_MAX_SWEEPS if requested_mode == "gramian" else 1
 
 
 def _checked_sweeps(max_sweeps: Any) -> int:
@@ -311,6 +337,7 @@ class TrackedGramian:
 def tracked_gramian(
     tracker: LayerTracker, rows: Sequence[Tensor], shared: Sequence[tuple[str, Tensor, str]],
     reached: Sequence[Tensor], chunk_size: int | None, scale: float = 1.0,
+    max_sweeps: int = 1,
 ) -> TrackedGramian | NonFinite:
     """M (R x R float64) of the rows' gradients w.r.t. the shared parameters, from the records.
 
@@ -322,7 +349,8 @@ def tracked_gramian(
     was found, naming the layer (``docs/methods.md#gramian``). With loss scaling, the rows are
     ``scale`` times the losses and M is that of the losses' gradients (divided by ``scale``^2,
     exact for a power of two). ``tracker.rules`` then says which rule each module got
-    ("fallback" for the parameters the records could not account for).
+    ("fallback" for the parameters the records could not account for). ``max_sweeps``: the most
+    groups the rows may be swept in (``sweep_groups``; the step's plan, ``sweeps_for``).
     """
     R = len(rows)
     if not tracker.calls:
@@ -333,7 +361,7 @@ def tracked_gramian(
     rules, fallback = _rules(tracker, rows, shared, reached, R)
     tracker.rules = {rule.name: ("fallback" if rule.name in fallback else rule.kind)
                      for rule in rules}
-    groups = sweep_groups(tracker, rules, reached, R)
+    groups = sweep_groups(tracker, rules, reached, R, max_sweeps)
     swept = len(groups) > 1
 
     by_layer: dict[str, Tensor] = {}
@@ -364,25 +392,28 @@ def tracked_gramian(
     return TrackedGramian(M, by_layer, rules, list(reached))
 
 
-# What one sweep may hold, relative to the estimate of a plain step's memory (sweep_groups).
-SWEEP_BUDGET = 1.0
+# What one sweep may hold, relative to the estimate of a plain step's memory (sweep_groups):
+# half, since Gramian mode aims at no more than 1.5x the plain step's peak. With a whole
+# estimate the Transformer workload took two sweeps and peaked at 1.40-1.57x in three runs;
+# with half, three sweeps and 1.44x (docs/performance.md, "Sweeping the rows ...").
+SWEEP_BUDGET = 0.5
 # Below this many elements held in all (16 MiB of float32) one sweep: the extra passes would
 # cost time for memory that does not matter.
 SWEEP_MINIMUM = 1 << 22
 
 
-def sweep_groups(tracker: LayerTracker, rules: list[Rule], reached: Sequence[Tensor], R: int
-                 ) -> list[list[Rule]]:
+def sweep_groups(tracker: LayerTracker, rules: list[Rule], reached: Sequence[Tensor], R: int,
+                 max_sweeps: int) -> list[list[Rule]]:
     """The rules in the groups whose data one sweep of the R rows holds at a time.
 
     The rules hold R x (their elements per row: a Jacobian rule's parameters, a Delta rule's
     layer outputs) until M is formed. Where that exceeds what a plain step holds anyway -
     estimated as the recorded layer outputs (the activations) plus twice the parameters
     (values and gradients), times ``SWEEP_BUDGET`` - the rules are split into
-    S = ceil(held / estimate) groups (at most ``tracker.max_sweeps``, set by
-    ``track(trunk, max_sweeps=)``; one below ``SWEEP_MINIMUM`` elements), each swept by its
-    own R backward passes and dropped once its share of M is formed, and J^T r comes from one
-    weighted backward pass instead of the rules' data: the peak is about R x held / S, for up
+    S = ceil(held / estimate) groups (at most ``max_sweeps``: ``sweeps_for``; one below
+    ``SWEEP_MINIMUM`` elements), each swept by its own R backward passes and dropped once its
+    share of M is formed, and J^T r comes from one weighted backward pass instead of the
+    rules' data: the peak is about R x held / S, for up
     to S - 1 extra passes per row (fewer: a pass to the upper layers' targets stops there)
     and one for the update. The groups are contiguous in depth (the layers nearest the
     losses first), balanced by held size. Any grouping gives the same M: each sweep
@@ -393,7 +424,7 @@ def sweep_groups(tracker: LayerTracker, rules: list[Rule], reached: Sequence[Ten
     estimate = (sum(math.prod(shape) for call in tracker.calls for shape, _, _ in
                     call.output_shapes) + 2 * sum(p.numel() for p in reached))
     budget = max(1, int(SWEEP_BUDGET * estimate))
-    count = min(tracker.max_sweeps, len(rules), -(-total // budget))
+    count = min(max_sweeps, len(rules), -(-total // budget))
     if count <= 1 or total < SWEEP_MINIMUM:
         return [rules]
     # Depth: the index of the last recorded call of the rule's module (or of the nearest

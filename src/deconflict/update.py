@@ -28,7 +28,6 @@ product of the scaled blocks with the same weights, which ``scaler.step`` divide
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,19 +228,15 @@ def _loss_weighted_update(method: LossWeighting, rows: np.ndarray, dtype: torch.
     pass over J, no Gramian, as the engine's one weighted backward pass forms none either (so
     no rounding floor is applied to D, in ``aggregate`` as in ``backward``).
 
-    The finiteness check is fused into that pass: a NaN or infinity anywhere in J reaches the
-    float64 sum of its column (0 * inf is NaN too), and so does an overflow of D's dtype; both
-    leave a non-finite element in D. Only then (None) the general path, which forms the
-    Gramian, names the task or reports the overflow: the method is stateless, so computing its
-    weights a second time there changes nothing.
+    The finiteness check is fused into that pass (``kernels.matrix_combine``): a NaN or
+    infinity anywhere in J reaches the float64 sum of its column (0 * inf is NaN too), and so
+    does an overflow of D's dtype; both leave a non-finite element in D. Only then (None) the
+    general path, which forms the Gramian, names the task or reports the overflow: the method
+    is stateless, so computing its weights a second time there changes nothing.
     """
     c = method.loss_weights_array(rows.shape[0], losses)
     update = torch.empty(rows.shape[1], dtype=dtype)
-    kernels.matrix_combine(rows, np.ascontiguousarray(c), update.numpy())
-    # A sum is non-finite whenever an element is, and costs a third of isfinite().all() (no
-    # bool temporary); a sum of finite elements that overflows only sends this call to the
-    # general path, which gives the same update.
-    if not math.isfinite(float(update.sum())):
+    if not kernels.matrix_combine(rows, np.ascontiguousarray(c), update.numpy()):
         return None
     return update
 

@@ -151,9 +151,9 @@ def _seeds(args: argparse.Namespace) -> list[int]:
 
 
 def execution(args: argparse.Namespace) -> dict[str, Any]:
-    """run_many's execution options: --checkpoint-every, --resume, --nproc."""
+    """run_many's execution options: --checkpoint-every, --resume, --nproc, --threads."""
     return {"checkpoint_every": args.checkpoint_every, "resume": args.resume,
-            "nproc": args.nproc}
+            "nproc": args.nproc, "threads": args.threads}
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -461,6 +461,11 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=_count(1), default=1, metavar="N",
                         help="train each run in N processes with torch.distributed (each on its "
                         "share of every batch; --set ddp=local for local mode; default 1)")
+    parser.add_argument("--threads", type=_count(1), default=None, metavar="N",
+                        help="PyTorch's intra-op threads while each run trains, in each "
+                        "process with --nproc; restored afterwards, recorded as the record's "
+                        "threads (default: PyTorch's default; with --nproc, the CPU count // "
+                        "nproc per process)")
     parser.add_argument("--resume", action="store_true",
                         help="continue interrupted runs from their checkpoints (with "
                         "--checkpoint-every); the result equals an uninterrupted run's")

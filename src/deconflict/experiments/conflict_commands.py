@@ -39,7 +39,7 @@ from .commands import (
 from .problems import get_problem
 from .problems.base import SupervisedProblem, problem_names
 from .report import _cell, percent, summarize
-from .runner import MethodSpec, _slug, run_many
+from .runner import MethodSpec, _slug, intra_op_threads, run_many
 
 
 def _layered(cls: type) -> bool:
@@ -59,18 +59,33 @@ def _supervised(name: str) -> SupervisedProblem:
 
 def monitored_run(problem: SupervisedProblem, spec: MethodSpec, config: Mapping[str, Any],
                   seed: int, device: str, progress: bool,
-                  tensorboard: Path | None = None) -> tuple[ConflictMonitor, Any]:
-    """Train once with a monitor on every step; the monitor and the TrainResult."""
+                  tensorboard: Path | None = None, threads: int | None = None
+                  ) -> tuple[ConflictMonitor, Any]:
+    """Train once, in this process, with a monitor on every step (``threads``: PyTorch's
+    intra-op threads meanwhile, as ``--threads``); the monitor and the TrainResult."""
     spec.check()
     tasks = problem.tasks(config)
     method = spec.factory()()
     monitor = ConflictMonitor(method, task_names=tasks, tensorboard=tensorboard)
     try:
-        result = problem.train(lambda: method, config, seed, torch.device(device),
-                               progress=progress, monitor=monitor)
+        with intra_op_threads(threads):
+            result = problem.train(lambda: method, config, seed, torch.device(device),
+                                   progress=progress, monitor=monitor)
     finally:
         monitor.close()
     return monitor, result
+
+
+def _refuse_runner_flags(args: argparse.Namespace) -> None:
+    """diagnose trains one monitored run in this process: the flags of ``add_common`` that
+    only the runner applies (several seeds, processes, checkpoints) are refused, not ignored."""
+    given = [flag for flag, value in (("--seeds", args.seeds != 1), ("--nproc", args.nproc != 1),
+                                      ("--checkpoint-every", args.checkpoint_every is not None),
+                                      ("--resume", args.resume)) if value]
+    if given:
+        raise InvalidOptionError(
+            f"diagnose trains one monitored run of seed --first-seed in this process: "
+            f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to it")
 
 
 # ----------------------------------------------------------------------------------- diagnose
@@ -88,6 +103,7 @@ def command_diagnose(args: argparse.Namespace) -> int:
     if len(texts) > 1 and args.method_options:
         raise InvalidOptionError("with several methods, give options as name:key=value in "
                                  "--method, not as flags")
+    _refuse_runner_flags(args)
     specs = [method_spec(args, text, args.method_options) for text in texts]
     check_output(args.out)
     device = _device(args.device)
@@ -97,7 +113,7 @@ def command_diagnose(args: argparse.Namespace) -> int:
         target = folder / _slug(spec.label)
         tensorboard = target / "tensorboard" if args.tensorboard else None
         monitor, result = monitored_run(problem, spec, config, args.first_seed, device,
-                                        not args.quiet, tensorboard)
+                                        not args.quiet, tensorboard, args.threads)
         summary = monitor.summary()
         written += list(monitor.write_csv(target).values())
         written.append(plot_layer_heatmap(monitor.layer_cosines(), target / "layer_heatmap.png",
@@ -171,7 +187,7 @@ def command_recon(args: argparse.Namespace) -> int:
     if args.score_epochs is not None:
         score_config["epochs"] = args.score_epochs
     monitor, _ = monitored_run(problem, base, score_config, args.first_seed, device,
-                               not args.quiet)
+                               not args.quiet, threads=args.threads)
     layer_cosines = monitor.layer_cosines()
     scores = conflict_scores(layer_cosines, args.S)
     chosen = top_layers(scores, args.topk)

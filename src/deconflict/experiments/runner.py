@@ -7,8 +7,9 @@ Layout of a results directory::
     <out>/<problem>/sweep_<method>_<option>.*          sweeps (``sweep``)
 
 A record holds the problem, method, options, seed, full configuration, library and PyTorch
-versions, device, metrics (validation and test), the conflict statistics of training, the data
-note, the wall time and the date. A run whose record exists with the same configuration is
+versions, device, the number of processes and of PyTorch intra-op threads per process that
+trained it, metrics (validation and test), the conflict statistics of training, the data note,
+the wall time and the date. A run whose record exists with the same configuration is
 reused, not retrained (``force`` retrains), so ``compare`` and ``sweep`` share runs.
 
 The pseudo-method ``single_task`` trains one model per task on that task alone (with ``sum``)
@@ -24,7 +25,8 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,16 +244,53 @@ def preflight(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[st
                     "delete it to start the run over, or rerun with --force") from None
 
 
+def _check_threads(threads: int | None) -> None:
+    """Refuse a thread count torch would refuse mid-run (or, for a bool, silently take as 1)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise InvalidOptionError(f"--threads {threads!r}: give a positive number of threads")
+
+
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[int]:
+    """PyTorch's intra-op thread count set to ``threads`` inside the block; yields the count in
+    effect there (PyTorch's current one when ``threads`` is None, which leaves it alone).
+
+    The count is process-wide state: the runner is also called in-process (tests, notebooks),
+    so the caller's count is restored on leaving, after an exception or Ctrl-C too.
+    """
+    _check_threads(threads)
+    if threads is None:
+        yield torch.get_num_threads()
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def rank_threads(threads: int | None, nproc: int) -> int:
+    """The intra-op threads of each of ``nproc`` ranks: ``threads``, or by default the machine's
+    cores shared among the ranks (so N processes do not oversubscribe the cores N times)."""
+    return threads if threads is not None else max(1, (os.cpu_count() or 1) // nproc)
+
+
 def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any],
         device: str | torch.device = "cpu", out: str | Path = "results", force: bool = False,
         progress: bool = False, checkpoint_every: int | None = None,
-        resume: bool = False, nproc: int = 1) -> dict[str, Any]:
+        resume: bool = False, nproc: int = 1, threads: int | None = None) -> dict[str, Any]:
     """Train (or reuse) one run and return its record.
 
     ``checkpoint_every`` N: save the run's state every N steps beside its record
     (``<record>.ckpt``, removed when the run completes); ``resume``: continue from it.
     ``nproc`` > 1: train in that many processes with torch.distributed (gloo on the CPU, NCCL on
     CUDA), each on its share of every batch, combined as the configuration's ``ddp`` says.
+    ``threads``: PyTorch's intra-op threads while training (per rank with ``nproc`` > 1), set
+    for the training only and restored after; None keeps PyTorch's count (``rank_threads`` per
+    rank). The record's ``threads`` is the count training ran with, so its timing can be read.
+    A reused record is returned as it was written: the thread count does not name a run.
     """
     problem = get_problem(problem_name)
     spec.check()
@@ -262,6 +301,7 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
     if reused is not None:
         return reused
     preflight(problem_name, spec, seed, config, out, force, resume)
+    _check_threads(threads)
     if nproc < 1 or (nproc > 1 and spec.name == SINGLE_TASK):
         raise InvalidOptionError(f"--nproc {nproc}: give a positive number of processes (the "
                                  "single-task baseline runs in one)")
@@ -285,29 +325,31 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
             statistics: dict[str, Any] = {}
             note = ""
             plans = []
-            for task in problem.tasks(config):
-                plan = checkpoint(f"-{task}")
-                plans.append(plan)
-                result = problem.train(MethodSpec("sum").factory(), config, seed, device,
-                                       tasks=[task], progress=progress, **plan)
-                for split in metrics:
-                    metrics[split].update(result.metrics[split])
-                note = result.note
+            with intra_op_threads(threads) as used:
+                for task in problem.tasks(config):
+                    plan = checkpoint(f"-{task}")
+                    plans.append(plan)
+                    result = problem.train(MethodSpec("sum").factory(), config, seed, device,
+                                           tasks=[task], progress=progress, **plan)
+                    for split in metrics:
+                        metrics[split].update(result.metrics[split])
+                    note = result.note
         else:
             plans = [checkpoint()]
-            if nproc > 1:
-                result = train_distributed(problem, spec, config, seed, device, nproc, progress,
-                                           plans[0])
+            if nproc > 1:  # the ranks set their own threads; this process only waits
+                result, used = train_distributed(problem, spec, config, seed, device, nproc,
+                                                 progress, plans[0], threads)
             else:
-                result = problem.train(spec.factory(), config, seed, device, progress=progress,
-                                       **plans[0])
+                with intra_op_threads(threads) as used:
+                    result = problem.train(spec.factory(), config, seed, device,
+                                           progress=progress, **plans[0])
             metrics, statistics, note = result.metrics, result.statistics, result.note
     except KeyboardInterrupt:
         raise RunInterrupted(spec.label, _checkpoints(path)) from None
     record = _clean({
         "problem": problem.name, "method": spec.name, "options": spec.options,
-        "label": spec.label, "seed": seed, "config": config, "nproc": nproc, "metrics": metrics,
-        "statistics": statistics, "note": note, "device": str(device),
+        "label": spec.label, "seed": seed, "config": config, "nproc": nproc, "threads": used,
+        "metrics": metrics, "statistics": statistics, "note": note, "device": str(device),
         "deconflict_version": __version__, "torch_version": torch.__version__,
         "wall_time_s": time.perf_counter() - started,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -324,8 +366,10 @@ def run(problem_name: str, spec: MethodSpec, seed: int, config: Mapping[str, Any
 
 def train_distributed(problem: Problem, spec: MethodSpec, config: Mapping[str, Any], seed: int,
                       device: torch.device, nproc: int, progress: bool,
-                      plan: Mapping[str, Any]) -> TrainResult:
-    """Train in ``nproc`` processes (one per rank, spawned here) and return rank 0's result."""
+                      plan: Mapping[str, Any], threads: int | None = None
+                      ) -> tuple[TrainResult, int]:
+    """Train in ``nproc`` processes (one per rank, spawned here); rank 0's result and the
+    intra-op threads it trained with (``threads``, or ``rank_threads``'s default)."""
     import tempfile
 
     import torch.multiprocessing as multiprocessing
@@ -335,29 +379,30 @@ def train_distributed(problem: Problem, spec: MethodSpec, config: Mapping[str, A
         multiprocessing.spawn(
             _rank_main, nprocs=nproc, join=True,
             args=(nproc, f"file://{folder}/store", str(result_path), problem.name, spec, config,
-                  seed, str(device), progress, dict(plan)))
-        metrics, statistics, note = torch.load(result_path, weights_only=False)
-    return TrainResult(metrics, statistics, note)
+                  seed, str(device), progress, dict(plan), threads))
+        metrics, statistics, note, used = torch.load(result_path, weights_only=False)
+    return TrainResult(metrics, statistics, note), used
 
 
 def _rank_main(rank: int, nproc: int, store: str, result_path: str, problem_name: str,
                spec: MethodSpec, config: Mapping[str, Any], seed: int, device: str,
-               progress: bool, plan: dict[str, Any]) -> None:
+               progress: bool, plan: dict[str, Any], threads: int | None = None) -> None:
     """One rank of ``train_distributed``: join the group, train, rank 0 saves the result."""
     import torch.distributed as distributed
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         device = f"cuda:{rank}"
-    # The machine's cores are shared among the ranks.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+    # A spawned process of its own, ended after training: nothing to restore.
+    torch.set_num_threads(rank_threads(threads, nproc))
+    used = torch.get_num_threads()
     distributed.init_process_group(backend, init_method=store, rank=rank, world_size=nproc)
     try:
         result = get_problem(problem_name).train(spec.factory(), config, seed,
                                                  torch.device(device),
                                                  progress=progress and rank == 0, **plan)
         if rank == 0:
-            save_torch(result_path, (result.metrics, result.statistics, result.note))
+            save_torch(result_path, (result.metrics, result.statistics, result.note, used))
         # Tear the group down together: a rank leaving while another still holds its gloo
         # connections can abort ("terminate called without an active exception").
         distributed.barrier()
@@ -368,19 +413,25 @@ def _rank_main(rank: int, nproc: int, store: str, result_path: str, problem_name
 def run_many(problem_name: str, specs: Sequence[MethodSpec], seeds: Sequence[int],
              config: Mapping[str, Any], device: str = "cpu", out: str | Path = "results",
              force: bool = False, progress: bool = True, checkpoint_every: int | None = None,
-             resume: bool = False, nproc: int = 1) -> dict[str, list[dict[str, Any]]]:
-    """Every (method, seed) run; records grouped by method label, in the given order."""
+             resume: bool = False, nproc: int = 1,
+             threads: int | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Every (method, seed) run; records grouped by method label, in the given order.
+
+    ``threads`` (see ``run``) is set around each run's training, not around the loop, so the
+    caller's thread count is back between runs and after a failed one.
+    """
     from tqdm import tqdm
 
     if len({spec.label for spec in specs}) != len(specs):
         raise InvalidOptionError(f"a method is given twice: {[spec.label for spec in specs]}")
     records: dict[str, list[dict[str, Any]]] = {spec.label: [] for spec in specs}
     jobs = [(spec, seed) for spec in specs for seed in seeds]
+    _check_threads(threads)
     for spec, seed in jobs:  # every refusal before the first run trains
         preflight(problem_name, spec, seed, config, out, force, resume)
     for spec, seed in tqdm(jobs, desc=f"{problem_name}: runs", unit="run", disable=not progress):
         # Each run's own bar over its steps sits under this one (tqdm stacks open bars).
         records[spec.label].append(run(problem_name, spec, seed, config, device, out, force,
                                        progress=progress, checkpoint_every=checkpoint_every,
-                                       resume=resume, nproc=nproc))
+                                       resume=resume, nproc=nproc, threads=threads))
     return records

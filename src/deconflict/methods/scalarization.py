@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +53,12 @@ class Sum(LossWeighting):
                              f"{context.num_tasks} tasks")
         return np.array(self.weights_), {}
 
+    def loss_weights_array(self, num_tasks: int, losses: Any = None) -> np.ndarray:
+        # As Mean's: all ones needs no context without losses to validate.
+        if losses is None and self.weights_ is None and num_tasks >= 1:
+            return np.ones(num_tasks)
+        return super().loss_weights_array(num_tasks, losses)
+
 
 @register
 class Mean(LossWeighting):
@@ -71,3 +78,10 @@ class Mean(LossWeighting):
 
     def _compute(self, M: np.ndarray | None, context: Context) -> tuple[np.ndarray, Diagnostics]:
         return np.full(context.num_tasks, 1.0 / context.num_tasks), {}
+
+    def loss_weights_array(self, num_tasks: int, losses: Any = None) -> np.ndarray:
+        # Without losses to validate, 1/T needs no context: most of the per-call cost of
+        # ``aggregate(J, "mean")`` at small d was building one.
+        if losses is None and num_tasks >= 1:
+            return np.full(num_tasks, 1.0 / num_tasks)
+        return super().loss_weights_array(num_tasks, losses)
