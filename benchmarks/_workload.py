@@ -223,7 +223,7 @@ def step(kind: str, method: str | None, tasks: int, *, widths: tuple[int, ...] =
         instance = deconflict.get(name, **options)
         if kind in TRACKED:
             deconflict.track(work.trunk)
-        mode = {"auto-tracked": "auto"}.get(mode, mode)
+        mode = "auto" if mode == "auto-tracked" else mode
 
         def run() -> deconflict.StepRecord:
             z, losses = work.forward()
