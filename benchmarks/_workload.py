@@ -25,7 +25,9 @@ Every call builds its own model from the same seed, so variants never share stat
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ from torch import nn
 from torch.nn import functional
 
 import deconflict
+from deconflict import tracking
 
 BATCH = 256
 WIDTHS = (512, 1792, 1792, 512)
@@ -57,7 +60,8 @@ MODES = ("sequential", "batched", "gramian", "features")
 # groups of layers where their data would exceed the plain step's memory (one weighted backward
 # pass for .grad; ``tracking.sweeps_for``); "deconflict:auto-tracked" is mode="auto" there,
 # which takes one sweep (the fastest Gramian mode).
-TRACKED = ("deconflict:gramian", "deconflict:auto-tracked", "gradients:gramian")
+TRACKED = ("deconflict:gramian", "deconflict:gramian-every-cut", "deconflict:auto-tracked",
+           "gradients:gramian")
 
 
 def trunk(widths: tuple[int, ...] = WIDTHS) -> nn.Sequential:
@@ -193,6 +197,21 @@ def torchjd_weighting(method: str) -> Any:
     return getattr(aggregation, spec[0] + "Weighting")(**spec[1])
 
 
+@contextmanager
+def _every_cut(active: bool) -> Iterator[None]:
+    """While active: ``tracking.graph_cuts`` with no budget (every valid cut used)."""
+    if not active:
+        yield
+        return
+    original = tracking.graph_cuts
+    tracking.graph_cuts = lambda tracker, rows, groups, budget: original(  # type: ignore[assignment]
+        tracker, rows, groups, math.inf)
+    try:
+        yield
+    finally:
+        tracking.graph_cuts = original  # type: ignore[assignment]
+
+
 def step(kind: str, method: str | None, tasks: int, *, widths: tuple[int, ...] = WIDTHS,
          batch: int | None = None, architecture: str = "mlp", small: bool = False,
          device: torch.device | str = "cpu") -> tuple[Callable[[], Any], Workload]:
@@ -202,7 +221,10 @@ def step(kind: str, method: str | None, tasks: int, *, widths: tuple[int, ...] =
     batched, gramian (tracked trunk; swept in groups where its data would exceed the plain
     step's memory), features (representation mode) and auto (the default call, untracked
     trunk); "deconflict:auto-tracked" (mode auto on a tracked trunk: the library chooses; its
-    Gramian mode takes one sweep); "gradients:<mode>" (the per-task gradients of the
+    Gramian mode takes one sweep); "deconflict:gramian-every-cut" (mode="gramian" with every
+    cut of the graph between its sweeps used, whatever the size of the rows' gradients there:
+    ``tracking.graph_cuts`` without its budget, for the time and memory that budget trades);
+    "gradients:<mode>" (the per-task gradients of the
     sequential or batched mode and nothing else: the floor under the method); "torchjd" and
     "torchjd:gramian" (autojac: ``mtl_backward`` + ``jac_to_grad``, the latter with
     ``optimize_gramian_computation``);
@@ -223,13 +245,15 @@ def step(kind: str, method: str | None, tasks: int, *, widths: tuple[int, ...] =
         instance = deconflict.get(name, **options)
         if kind in TRACKED:
             deconflict.track(work.trunk)
-        mode = "auto" if mode == "auto-tracked" else mode
+        every_cut = mode == "gramian-every-cut"
+        mode = {"auto-tracked": "auto", "gramian-every-cut": "gramian"}.get(mode, mode)
 
         def run() -> deconflict.StepRecord:
             z, losses = work.forward()
             if mode == "features":
                 return deconflict.backward(losses, work.trunk, instance, features=z)
-            return deconflict.backward(losses, work.trunk, instance, mode=mode)  # type: ignore[arg-type]
+            with _every_cut(every_cut):
+                return deconflict.backward(losses, work.trunk, instance, mode=mode)  # type: ignore[arg-type]
     elif kind.startswith("gradients:"):
         # The floor of a mode: its T backward passes, plus what the plain step also does (the
         # forward pass, the optimizer step on every parameter), nothing else. Every parameter

@@ -10,8 +10,10 @@ gradients, activations and whatever the variant adds, as the operating system se
 memory the allocator keeps counts) - and its ratio to the plain step's and to TorchJD's
 autogram engine's. Goals at T = 10: Gramian mode <= 0.6x autogram and <= 1.5x plain.
 "deconflict:gramian" is mode="gramian", which sweeps the rows in groups of layers where their
-data would exceed the plain step's memory; "deconflict:auto-tracked" is mode="auto" on the same
-tracked trunk, which takes one sweep (the fastest Gramian mode).
+data would exceed the plain step's memory (starting a sweep from a cut of the graph where the
+rows' gradients there fit its budget); "deconflict:gramian-every-cut" is the same with every cut
+used, whatever its size; "deconflict:auto-tracked" is mode="auto" on the same tracked trunk,
+which takes one sweep (the fastest Gramian mode).
 
     .venv/bin/python benchmarks/memory.py                       # about 10 minutes
     .venv/bin/python benchmarks/memory.py --workloads mlp       # the MLP only, ~4 minutes
@@ -33,11 +35,12 @@ from typing import Any
 from _harness import banner, parser, save, setup, table
 
 VARIANTS = ["plain", "deconflict:sequential", "deconflict:batched", "deconflict:gramian",
-            "deconflict:auto-tracked", "deconflict:features", "torchjd", "torchjd:gramian",
-            "torchjd:autogram", "libmtl"]
+            "deconflict:gramian-every-cut", "deconflict:auto-tracked", "deconflict:features",
+            "torchjd", "torchjd:gramian", "torchjd:autogram", "libmtl"]
 # Variants of the CNN and Transformer rows (the others are measured on the MLP).
 LEAN_VARIANTS = ["plain", "deconflict:sequential", "deconflict:gramian",
-                 "deconflict:auto-tracked", "torchjd", "torchjd:autogram"]
+                 "deconflict:gramian-every-cut", "deconflict:auto-tracked", "torchjd",
+                 "torchjd:autogram"]
 
 
 def _status(field: str) -> int:

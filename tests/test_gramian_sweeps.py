@@ -26,6 +26,7 @@ the Jacobian entries; the float32 case uses float32's gamma on the same lengths.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 
 import pytest
@@ -42,17 +43,19 @@ SWEEPS = 4
 
 
 class Skip(nn.Module):
-    """A residual connection across two layers: the sum needs both paths."""
+    """A residual connection across two layers: the sum needs both paths, so no single edge
+    between ``middle`` and ``lower`` carries every path from the losses to ``inner``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.inner = nn.Linear(5, 8)
+        self.lower = nn.Linear(8, 8)
         self.middle = nn.Linear(8, 8)
         self.outer = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.inner(x)
-        return self.outer(torch.tanh(self.middle(torch.tanh(z))) + z)
+        return self.outer(torch.tanh(self.middle(torch.tanh(self.lower(z)))) + z)
 
 
 class Encoder(nn.Module):
@@ -182,11 +185,46 @@ def test_swept_equals_unswept_and_sequential(name, method, sweeps):
     torch.testing.assert_close(head, reference_head, rtol=1e-12, atol=1e-14)
 
 
+def grouped(name: str):
+    """The tracker, losses, rules and sweep groups of a tracked model's forward pass."""
+    trunk, heads, x, targets = setup(name)
+    tracker = deconflict.track(trunk, max_sweeps=SWEEPS)
+    losses = task_losses(trunk, heads, x, targets)
+    reached = [p for p in trunk.parameters() if p.requires_grad]
+    shared = [(n, p, n) for n, p in trunk.named_parameters()]
+    rules, _ = tracking._rules(tracker, losses, shared, reached, TASKS)
+    groups = tracking.sweep_groups(tracker, rules, reached, TASKS, SWEEPS)
+    return tracker, losses, rules, groups
+
+
+def without_cuts(monkeypatch) -> None:
+    """Every sweep starts from the rows (``graph_cuts`` finds none)."""
+    monkeypatch.setattr(tracking, "graph_cuts",
+                        lambda tracker, rows, groups, budget: [None] * len(groups))
+
+
+def with_cuts(monkeypatch) -> None:
+    """Cuts wherever the graph has one, whatever their size: ``force_sweeps`` leaves no room for
+    any in the budget."""
+    original = tracking.graph_cuts
+    monkeypatch.setattr(tracking, "graph_cuts",
+                        lambda tracker, rows, groups, budget: original(tracker, rows, groups,
+                                                                       math.inf))
+
+
+def set_cuts(monkeypatch, cuts: bool) -> None:
+    (with_cuts if cuts else without_cuts)(monkeypatch)
+
+
+@pytest.mark.parametrize(("cuts", "chunk_size"), [(True, None), (False, None), (True, 2)])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_the_sweeps_run_and_match_the_single_sweep(name, monkeypatch):
+def test_the_sweeps_run_and_match_the_single_sweep(name, cuts, chunk_size, monkeypatch):
+    """With cuts or without, one row per pass or two (the passes from a cut then start from
+    a stack of the rows' gradients there)."""
     single, J, grad, _, x = step(name, "gramian")
     counts = force_sweeps(monkeypatch)
-    swept, _, swept_grad, _, _ = step(name, "gramian")
+    set_cuts(monkeypatch, cuts)
+    swept, _, swept_grad, _, _ = step(name, "gramian", chunk_size=chunk_size)
     assert counts and counts[0] > 1
     n = J.shape[1] + positions(x)
     norms = J.norm(dim=1)
@@ -196,6 +234,98 @@ def test_the_sweeps_run_and_match_the_single_sweep(name, monkeypatch):
     torch.testing.assert_close(swept.weights, c, rtol=1e-9, atol=1e-12)
     allowed = 4 * 2 * gamma(n) * (c.abs() @ J.abs()) + (swept.weights - c).abs() @ J.abs()
     assert ((swept_grad - grad).abs() <= allowed).all()
+
+
+class _Count(torch.autograd.Function):
+    """The identity, counting its backward passes in ``counts[index]``."""
+
+    @staticmethod
+    def forward(ctx, x, counts, index):
+        ctx.counts, ctx.index = counts, index
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.counts[ctx.index] += 1
+        return grad, None, None
+
+
+class Counted(nn.Module):
+    """Three Linear layers, each followed by tanh and a counter of the passes through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.counts = [0, 0, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            x = _Count.apply(torch.tanh(layer(x)), self.counts, index)
+        return x
+
+
+@pytest.mark.parametrize("cuts", [True, False])
+def test_with_cuts_the_sweeps_pass_through_each_layer_once_per_row(cuts, sweeps, monkeypatch):
+    """Three groups, one layer each. With cuts between them, each layer's backward runs once per
+    row and once for the weighted update pass, as in a single sweep; without, each sweep passes
+    again through the layers above its group (the counter above layer k, from k = 0 at the bottom:
+    (k + 1) R + 1)."""
+    set_cuts(monkeypatch, cuts)
+    torch.manual_seed(0)
+    trunk = Counted().double()
+    heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(TASKS)).double()
+    x = torch.randn(BATCH, 8, dtype=torch.float64)
+    deconflict.track(trunk, max_sweeps=3)
+    z = trunk(x)
+    losses = [(head(z) ** 2).mean() + (k + 1) * z.pow(2).mean() for k, head in enumerate(heads)]
+    params = list(trunk.parameters())
+    J = manual_jacobian(losses, params)
+    trunk.counts[:] = [0, 0, 0]  # manual_jacobian's own passes
+    record = deconflict.backward(losses, trunk, "upgrad", mode="gramian")
+    assert sweeps == [3]
+    expected = [TASKS + 1] * 3 if cuts else [TASKS + 1, 2 * TASKS + 1, 3 * TASKS + 1]
+    assert trunk.counts == expected
+    norms = J.norm(dim=1)
+    n = J.shape[1] + positions(x)
+    assert ((record.gramian - J @ J.T).abs() <= 4 * 2 * gamma(n) * torch.outer(norms, norms)).all()
+
+
+def test_no_cut_across_a_skip_connection(sweeps):
+    """skip: outer(tanh(middle(tanh(lower(z)))) + z), z = inner(x), one layer per group. Each
+    group's passes can start from a cut every path to its own layer crosses: middle's from its
+    output, lower's from middle's input. inner's would start from a cut below that one, but z
+    reaches the sum directly, so its gradient is not that of middle's input pulled back: no
+    cut there, inner's passes start from the rows."""
+    tracker, losses, _rules, groups = grouped("skip")
+    assert [[rule.name for rule in group] for group in groups] == [["outer"], ["middle"],
+                                                                    ["lower"], ["inner"]]
+    cuts = tracking.graph_cuts(tracker, losses, groups, math.inf)
+    assert [cut is not None for cut in cuts] == [True, True, False, False]
+    tracker.remove()
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_a_sequential_trunk_has_a_cut_between_every_two_groups(name, sweeps):
+    tracker, losses, _rules, groups = grouped(name)
+    assert len(groups) > 1
+    cuts = tracking.graph_cuts(tracker, losses, groups, math.inf)
+    assert all(cut is not None for cut in cuts[:-1]) and cuts[-1] is None
+    tracker.remove()
+
+
+def test_a_cut_is_used_only_where_its_gradients_fit_the_budget(sweeps):
+    """The rows' gradients at the cut (R x its elements) must fit in the budget beside the data
+    of the two groups it joins; one element less and the lower group starts from the rows."""
+    tracker, losses, _rules, groups = grouped("mlp")
+    assert len(groups) == 2
+    cut = tracking.graph_cuts(tracker, losses, groups, math.inf)[0]
+    # The MLP's cut: the 32-wide tanh between its two Linear layers, BATCH rows.
+    assert type(cut.node).__name__ == "TanhBackward0"
+    data = max(TASKS * sum(rule.held for rule in group) for group in groups)
+    needed = data + TASKS * BATCH * 32
+    assert tracking.graph_cuts(tracker, losses, groups, needed)[0] is not None
+    assert tracking.graph_cuts(tracker, losses, groups, needed - 1) == [None, None]
+    tracker.remove()
 
 
 def test_float32_cnn_swept_matches_sequential(sweeps):
@@ -214,13 +344,7 @@ def test_float32_cnn_swept_matches_sequential(sweeps):
 
 
 def test_groups_are_contiguous_in_depth_and_cover_every_rule(sweeps):
-    trunk, heads, x, targets = setup("transformer")
-    tracker = deconflict.track(trunk, max_sweeps=SWEEPS)
-    losses = task_losses(trunk, heads, x, targets)
-    reached = [p for p in trunk.parameters() if p.requires_grad]
-    shared = [(name, p, name) for name, p in trunk.named_parameters()]
-    rules, _ = tracking._rules(tracker, losses, shared, reached, TASKS)
-    groups = tracking.sweep_groups(tracker, rules, reached, TASKS, SWEEPS)
+    tracker, _losses, rules, groups = grouped("transformer")
     assert len(groups) == min(SWEEPS, len(rules))
     assert sorted(id(r) for g in groups for r in g) == sorted(id(r) for r in rules)
     last = {call.name: k for k, call in enumerate(tracker.calls)}
@@ -272,7 +396,9 @@ def test_mode_gramian_sweeps_by_default_and_auto_does_not(name, monkeypatch):
         torch.testing.assert_close(other, weights[0], rtol=1e-9, atol=1e-12)
 
 
-def test_a_nan_in_a_lower_group_is_named_and_grad_is_unchanged(sweeps):
+@pytest.mark.parametrize("cuts", [True, False])
+def test_a_nan_in_a_lower_group_is_named_and_grad_is_unchanged(cuts, sweeps, monkeypatch):
+    set_cuts(monkeypatch, cuts)
     trunk, heads, x, targets = setup("cnn")
     deconflict.track(trunk, max_sweeps=SWEEPS)
     for p in trunk.parameters():
@@ -327,8 +453,10 @@ def test_retain_graph_keeps_the_graph_for_another_backward(method, sweeps):
         torch.testing.assert_close(a, p.grad, rtol=1e-9, atol=1e-12)
 
 
-def test_loss_scaling_gives_the_scaled_update(sweeps):
+@pytest.mark.parametrize("cuts", [True, False])
+def test_loss_scaling_gives_the_scaled_update(cuts, sweeps, monkeypatch):
     """With a GradScaler (scale s = 16): the method sees the unscaled Gramian, .grad is s J^T c."""
+    set_cuts(monkeypatch, cuts)
     results = []
     for mode in ("gramian", "sequential"):
         trunk, heads, x, targets = setup("cnn")

@@ -118,6 +118,46 @@ def reaches(
     return False
 
 
+def above_cut(starts: Iterable[Node | None], cut: tuple[Node, int], below_nodes: Collection[Node],
+              below_leaf_ids: Collection[int]) -> set[Node] | None:
+    """The nodes reached from ``starts`` without crossing the edge ``cut`` (a node and its input
+    number, as in ``next_functions``), or None where such a walk reaches a node of
+    ``below_nodes`` or a leaf of ``below_leaf_ids``: then some path from the starts to them
+    avoids the edge, and their gradient is not the edge's gradient pulled back.
+
+    Where it returns a set, every path from the starts to those nodes and leaves crosses the
+    edge once (the graph is acyclic), so by the chain rule their gradient is that of the edge
+    (``torch.autograd.grad(starts, edge)``) backpropagated from the edge alone. A node reached
+    through another of its inputs is entered (conservative: the walk may refuse a valid cut,
+    never accept an invalid one).
+
+    >>> import torch
+    >>> from torch.autograd.graph import get_gradient_edge
+    >>> w = torch.ones(2, requires_grad=True)
+    >>> h = w * 2
+    >>> edge = get_gradient_edge(h)
+    >>> above_cut([(h.sin() + h).sum().grad_fn], (edge.node, edge.output_nr), (), {id(w)}) is None
+    False
+    >>> above_cut([(h.sin() + w).sum().grad_fn], (edge.node, edge.output_nr), (), {id(w)}) is None
+    True
+    """
+    seen: set[Node] = set()
+    pending = [node for node in starts if node is not None]
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        if node in below_nodes:
+            return None
+        if type(node) is _ACCUMULATE and id(node.variable) in below_leaf_ids:
+            return None
+        seen.add(node)
+        for child, number in node.next_functions:
+            if child is not None and (child, number) != cut:
+                pending.append(child)
+    return seen
+
+
 _SHARED = -1
 _WIDE = (torch.float32, torch.float64)
 

@@ -28,8 +28,12 @@ parameters) - never more than the batched mode's Jacobian, and for wide layers o
 far less (``docs/performance.md``, "Gramian-only mode and mode='auto'"). Where that would exceed
 half an estimate of what the plain step holds anyway, the rules are swept in up to S groups
 (``sweep_groups``): each group's R passes, its share of M, its data dropped; then ``.grad``
-from one weighted backward pass of sum_k r_k row_k. The same M; about 1/S of the memory for up
-to S - 1 extra passes per row. S is ``max_sweeps`` (``track``): by default
+from one weighted backward pass of sum_k r_k row_k. Between two groups, where the rows'
+gradients at a cut of the graph (an edge every path to the lower group crosses: ``graph_cuts``)
+fit in the sweep's budget, they are kept, and the next group's passes start there instead of
+passing again through the layers above. The same M; about 1/S of the memory for the update's
+pass, plus one pass per row through the layers above each boundary without such a cut. S is
+``max_sweeps`` (``track``): by default
 ``DEFAULT_MAX_SWEEPS`` when Gramian mode is asked for (mode="gramian": the lean mode) and 1
 when mode="auto" chose it (the fast choice).
 """
@@ -49,7 +53,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .errors import InvalidOptionError, ShapeError
 from .finite import NonFinite
-from .graph import nodes
+from .graph import above_cut, nodes
 from .jacobian import gradients, row_chunks
 from .kernels import Rows
 from .layer_gramians import (
@@ -90,6 +94,9 @@ class _Call:
     layer_input: Tensor | None = None
     input_version: int = 0
     input_nodes: list[Any] = field(default_factory=list, repr=False)
+    # The gradient edges of the differentiable inputs, with their sizes: where the rows are
+    # swept in groups, candidate cuts between groups (``graph_cuts``).
+    input_edges: list[tuple[GradientEdge, int]] = field(default_factory=list, repr=False)
 
 
 class LayerTracker:
@@ -166,7 +173,9 @@ class LayerTracker:
                 output_shapes=[(t.shape, t.dtype, t.device) for t in outputs],
                 layer_input=inputs[0] if kept else None,
                 input_version=inputs[0]._version if kept else 0,
-                input_nodes=[t.grad_fn for t in inputs if t.grad_fn is not None]))
+                input_nodes=[t.grad_fn for t in inputs if t.grad_fn is not None],
+                input_edges=[(get_gradient_edge(t), t.numel()) for t in inputs
+                             if t.requires_grad and t.grad_fn is not None]))
         return record
 
     def clear(self) -> None:
@@ -196,8 +205,10 @@ def track(trunk: nn.Module, *, max_sweeps: int | None = None) -> LayerTracker:
     one) would exceed half an estimate of what the plain step holds, the R rows are swept in up to
     that many groups of layers, each group's data dropped once its share of M is formed, and
     ``.grad`` is written by one weighted backward pass (``sweep_groups``). The same M and
-    update; about 1 / S of that memory for S sweeps, at the cost of up to S - 1 extra
-    backward passes per row and one for the update. An int >= 1 applies to every step; None
+    update; about 1 / S of that memory for S sweeps, at the cost of one backward pass for the
+    update and, at each boundary between groups where no cut of the graph fits the budget
+    (``graph_cuts``), one more pass per row through the layers above it. An int >= 1 applies
+    to every step; None
     (the default; on a tracked trunk: keep its current value) leaves it to the mode: up to
     ``DEFAULT_MAX_SWEEPS`` for mode="gramian", which bounds its memory, and 1 when mode="auto"
     picks Gramian mode as the fastest (``sweeps_for``). ``max_sweeps=1`` asks for the fastest
@@ -363,12 +374,16 @@ def tracked_gramian(
                      for rule in rules}
     groups = sweep_groups(tracker, rules, reached, R, max_sweeps)
     swept = len(groups) > 1
+    cuts = graph_cuts(tracker, rows, groups, sweep_budget(tracker, reached)) if swept else [None]
 
     by_layer: dict[str, Tensor] = {}
     M = torch.zeros(R, R, dtype=torch.float64)
-    for group in groups:
+    # Where each sweep starts: the previous group's cut and the rows' gradients there, or the rows.
+    seeds: _Seeds | None = None
+    for group, cut in zip(groups, cuts, strict=True):
         targets = [target for rule in group for target in rule.targets]
-        taken = _stacked_gradients(rows, targets, chunk_size)
+        taken, at_cut = _stacked_gradients(rows, targets, chunk_size, seeds, cut)
+        seeds = None if cut is None or at_cut is None else _Seeds(cut, at_cut)
         start = 0
         for rule in group:
             rule.taken = taken[start:start + len(rule.targets)]
@@ -402,6 +417,15 @@ SWEEP_BUDGET = 0.5
 SWEEP_MINIMUM = 1 << 22
 
 
+def sweep_budget(tracker: LayerTracker, reached: Sequence[Tensor]) -> int:
+    """What one sweep may hold (elements): ``SWEEP_BUDGET`` times the estimate of the plain
+    step's memory, the recorded layer outputs (the activations) plus twice the parameters
+    (values and gradients)."""
+    estimate = (sum(math.prod(shape) for call in tracker.calls for shape, _, _ in
+                    call.output_shapes) + 2 * sum(p.numel() for p in reached))
+    return max(1, int(SWEEP_BUDGET * estimate))
+
+
 def sweep_groups(tracker: LayerTracker, rules: list[Rule], reached: Sequence[Tensor], R: int,
                  max_sweeps: int) -> list[list[Rule]]:
     """The rules in the groups whose data one sweep of the R rows holds at a time.
@@ -413,23 +437,41 @@ def sweep_groups(tracker: LayerTracker, rules: list[Rule], reached: Sequence[Ten
     S = ceil(held / estimate) groups (at most ``max_sweeps``: ``sweeps_for``; one below
     ``SWEEP_MINIMUM`` elements), each swept by its own R backward passes and dropped once its
     share of M is formed, and J^T r comes from one weighted backward pass instead of the
-    rules' data: the peak is about R x held / S, for up
-    to S - 1 extra passes per row (fewer: a pass to the upper layers' targets stops there)
-    and one for the update. The groups are contiguous in depth (the layers nearest the
-    losses first), balanced by held size. Any grouping gives the same M: each sweep
-    differentiates the same rows, each rule's share is formed as in a single sweep.
+    rules' data: the peak is about R x held / S. Where the rows' gradients at a cut between
+    two groups fit in the budget beside their data (``graph_cuts``), the next group's passes
+    start from there; elsewhere from the rows again, at the cost of one more pass per row
+    through the layers above. One pass for the update. The groups are contiguous in depth
+    (the layers nearest the losses first), balanced by held size, never splitting a depth.
+    Any grouping gives the same M: each sweep differentiates the same rows, each rule's share
+    is formed as in a single sweep.
     """
     held = [rule.held for rule in rules]
     total = R * sum(held)
-    estimate = (sum(math.prod(shape) for call in tracker.calls for shape, _, _ in
-                    call.output_shapes) + 2 * sum(p.numel() for p in reached))
-    budget = max(1, int(SWEEP_BUDGET * estimate))
+    budget = sweep_budget(tracker, reached)
     count = min(max_sweeps, len(rules), -(-total // budget))
     if count <= 1 or total < SWEEP_MINIMUM:
         return [rules]
-    # Depth: the index of the last recorded call of the rule's module (or of the nearest
-    # recorded module above it, for a child its parent uses functionally); unrecorded: the
-    # deepest. Only the cost depends on it, never M.
+    depth = _depths(tracker)
+    ordered = sorted(rules, key=depth, reverse=True)
+    groups: list[list[Rule]] = [[]]
+    running, share = 0, sum(held) / count
+    previous: int | None = None
+    for rule in ordered:
+        # Rules of the same depth (one call: an attention layer and the projection it calls
+        # functionally) stay together: a cut (``graph_cuts``) can only lie between calls.
+        if (groups[-1] and depth(rule) != previous and running + rule.held / 2 > share * len(groups)
+                and len(groups) < count):
+            groups.append([])
+        groups[-1].append(rule)
+        running += rule.held
+        previous = depth(rule)
+    return groups
+
+
+def _depths(tracker: LayerTracker) -> Callable[[Rule], int]:
+    """A rule's depth: the index of the last recorded call of its module (or of the nearest
+    recorded module above it, for a child its parent uses functionally); unrecorded: -1, the
+    deepest. Only the cost depends on it, never M."""
     last: dict[str, int] = {}
     for index, call in enumerate(tracker.calls):
         last[call.name] = index
@@ -443,15 +485,70 @@ def sweep_groups(tracker: LayerTracker, rules: list[Rule], reached: Sequence[Ten
                 return -1
             name = name.rsplit(".", 1)[0]
 
-    ordered = sorted(rules, key=depth, reverse=True)
-    groups: list[list[Rule]] = [[]]
-    running, share = 0, sum(held) / count
-    for rule in ordered:
-        if groups[-1] and running + rule.held / 2 > share * len(groups) and len(groups) < count:
-            groups.append([])
-        groups[-1].append(rule)
-        running += rule.held
-    return groups
+    return depth
+
+
+# The candidate cuts tried per boundary between two groups, smallest first (``graph_cuts``).
+_CUT_TRIES = 8
+
+
+def graph_cuts(tracker: LayerTracker, rows: Sequence[Tensor], groups: list[list[Rule]],
+               budget: float) -> list[GradientEdge | None]:
+    """Per group g, an edge of the graph below it that every path from the rows to group
+    g + 1's targets crosses, where the rows' gradients there fit in ``budget`` (elements)
+    beside the data of groups g and g + 1; None where no candidate does, and for the last group.
+
+    With a cut after group g, group g's passes also take each row's gradient at the cut, and
+    group g + 1's passes start there, from those gradients, instead of from the rows: by the
+    chain rule the same gradients (``graph.above_cut``), without passing again through the
+    layers above. Without one, group g + 1's passes start from the rows. A cut's gradients
+    cost R x its elements while groups g and g + 1 are swept, which ``budget`` (what one sweep
+    may hold: ``sweep_groups``) bounds: a cut as large as a sweep's data would undo the
+    memory the sweeps are for. Candidates are the recorded layers' outputs and inputs between
+    the two groups (in the order of the forward pass), smallest first, at most ``_CUT_TRIES``
+    per boundary, none of them a rule's target; a cut after one that is used must lie below it
+    (every path from the rows to it crosses that one), since its gradient is taken from there.
+    A sequential trunk (MLP, CNN, a stack of Transformer layers) has one between any two
+    layers; a skip connection across a boundary leaves none there.
+    """
+    R = len(rows)
+    depth = _depths(tracker)
+    held = [R * sum(rule.held for rule in group) for group in groups]
+    taken = {(edge.node, edge.output_nr) for group in groups for rule in group
+             for edge in rule.targets if isinstance(edge, GradientEdge)}
+    starts = [row.grad_fn for row in rows]
+    cuts: list[GradientEdge | None] = [None] * len(groups)
+    above: set[Any] = set()  # the nodes above the cut group g's passes start from, if any
+    for g in range(len(groups) - 1):
+        room = budget - max(held[g], held[g + 1])
+        lower = [target for rule in groups[g + 1] for target in rule.targets]
+        below_nodes = {t.node for t in lower if isinstance(t, GradientEdge)}
+        below_leaves = {id(t) for t in lower if isinstance(t, Tensor)}
+        high = min(depth(rule) for rule in groups[g])
+        low = max(depth(rule) for rule in groups[g + 1])
+        candidates: dict[tuple[Any, int], tuple[int, GradientEdge]] = {}
+        for index, call in enumerate(tracker.calls):
+            found: list[tuple[GradientEdge, int]] = []
+            if low <= index < high:
+                found += [(edge, math.prod(shape)) for edge, (shape, _, _) in
+                          zip(call.edges, call.output_shapes, strict=True)]
+            if low < index <= high:
+                found += call.input_edges
+            for edge, size in found:
+                key = (edge.node, edge.output_nr)
+                if key not in taken and edge.node not in above:
+                    candidates.setdefault(key, (size, edge))
+        ordered = sorted(candidates.items(), key=lambda item: item[1][0])
+        reached: set[Any] | None = None
+        for key, (size, edge) in ordered[:_CUT_TRIES]:
+            if R * size > room:
+                break  # and every later candidate is larger
+            reached = above_cut(starts, key, below_nodes, below_leaves)
+            if reached is not None:
+                cuts[g] = edge
+                break
+        above = reached if reached is not None else set()
+    return cuts
 
 
 def _rules(
@@ -586,16 +683,24 @@ def _leaf_ids(starts: list[Any], stop: set[Any]) -> set[int]:
     return found
 
 
-def _stacked_gradients(rows: Sequence[Tensor], targets: list[Any], chunk_size: int | None
-                       ) -> list[Rows | None]:
-    """d rows / d targets per target, None if no row reaches it, zeros for the rows that do not.
+def _stacked_gradients(rows: Sequence[Tensor], targets: list[Any], chunk_size: int | None,
+                       seeds: _Seeds | None = None, cut: GradientEdge | None = None,
+                       ) -> tuple[list[Rows | None], list[Tensor | None] | None]:
+    """d rows / d targets per target, None if no row reaches it, zeros for the rows that do not;
+    and, given a ``cut`` (``graph_cuts``), each row's gradient there (None where the row does
+    not reach it), from where the next group's passes start.
+
+    ``seeds``: a cut every path from the rows to the targets and to ``cut`` crosses, and the
+    rows' gradients there: the passes start at it, and each row's seed is dropped once its
+    pass is done, so the two cuts' gradients are held for about R rows together, not 2 R.
 
     Each target's gradients (a parameter's, or a layer output's Delta) are written into one
     (R, *shape) buffer as they arrive, so that a row's gradient is freed by the next pass and
     the R rows are never held twice. One buffer per target rather than R tensors from autograd:
     the copy costs little beside the pass, and the process's allocator reuses one row's block
     for the next instead of keeping R scattered ones (measured: 15-25% less peak resident
-    memory on the Transformer workload, ``docs/performance.md``).
+    memory on the Transformer workload, ``docs/performance.md``). The cut's gradients stay per
+    row, as autograd returns them: each is dropped on its own.
     """
     R = len(rows)
     # By default one row per pass: measured faster than one batched pass on the MLP, CNN and
@@ -604,8 +709,23 @@ def _stacked_gradients(rows: Sequence[Tensor], targets: list[Any], chunk_size: i
     chunks = row_chunks(R, 1 if chunk_size is None else chunk_size)
     buffers: list[Tensor | None] = [None] * len(targets)
     filled: list[list[bool]] = [[False] * R for _ in targets]
+    at_cut: list[Tensor | None] | None = None if cut is None else [None] * R
+    wanted = targets if cut is None else [*targets, cut]
     for chunk in chunks:
-        grads = gradients(rows, targets, None, chunk, retain_graph=True)
+        if seeds is None:
+            grads = gradients(rows, wanted, None, chunk, retain_graph=True)
+        else:
+            if all(seeds.rows[i] is None for i in chunk):
+                continue  # these rows do not reach the seeds' cut, nor anything below it
+            grads = _gradients_from(seeds, wanted, chunk)
+            for i in chunk:
+                seeds.rows[i] = None
+        if at_cut is not None:
+            found = grads.pop()
+            if found is not None:
+                for k, row in enumerate(chunk):
+                    at_cut[row] = found[k]
+            del found
         for k, grad in enumerate(grads):
             if grad is None:
                 continue
@@ -627,4 +747,27 @@ def _stacked_gradients(rows: Sequence[Tensor], targets: list[Any], chunk_size: i
                 if not filled[k][row]:
                     buffer[row].zero_()
         result.append(buffer)
-    return result
+    return result, at_cut
+
+
+@dataclass
+class _Seeds:
+    """A cut of the graph (``graph_cuts``) and each row's gradient there (None: not reached)."""
+
+    edge: GradientEdge
+    rows: list[Tensor | None]
+
+
+def _gradients_from(seeds: _Seeds, targets: list[Any], chunk: range) -> list[Tensor | None]:
+    """d (the rows in ``chunk``) / d targets, backpropagated from their gradients at the cut:
+    by the chain rule the rows' own, since every path from them to the targets crosses it. A
+    row that does not reach the cut contributes zeros."""
+    if len(chunk) == 1:
+        grads = torch.autograd.grad([seeds.edge], targets, grad_outputs=[seeds.rows[chunk[0]]],
+                                    allow_unused=True, retain_graph=True)
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+    present = next(seed for seed in (seeds.rows[i] for i in chunk) if seed is not None)
+    stacked = torch.stack([present.new_zeros(present.shape) if seeds.rows[i] is None
+                           else cast(Tensor, seeds.rows[i]) for i in chunk])
+    return list(torch.autograd.grad([seeds.edge], targets, grad_outputs=[stacked],
+                                    is_grads_batched=True, allow_unused=True, retain_graph=True))

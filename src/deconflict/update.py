@@ -198,14 +198,17 @@ def matrix_update(method: Method, jacobian: Tensor, losses: Any = None
     protocol, a layout the compiled kernels cannot read, or a non-finite Gramian: the general
     path then names the task); the caller takes the general path.
     """
-    if not weighs_by_gramian(method) or last_layer_scope(method):
+    if isinstance(method, LossWeighting):
+        if method.gradient_scope == "last_layer":
+            return None
+        if method.gradient_scope == "none" and not method.stateful:
+            rows = kernels.compiled_matrix(jacobian)
+            return None if rows is None else _loss_weighted_update(method, rows, losses)
+    elif not weighs_by_gramian(method):
         return None
     rows = kernels.compiled_matrix(jacobian)
     if rows is None:
         return None
-    if (isinstance(method, LossWeighting) and method.gradient_scope == "none"
-            and not method.stateful):
-        return _loss_weighted_update(method, rows, jacobian.dtype, losses)
     M = kernels.matrix_gramian(rows)
     if not np.isfinite(M).all():
         return None
@@ -217,13 +220,13 @@ def matrix_update(method: Method, jacobian: Tensor, losses: Any = None
     checked = _checked_weights(method, M, c, (jacobian.dtype,))
     if isinstance(checked, NonFinite):
         return checked
-    update = torch.empty(rows.shape[1], dtype=jacobian.dtype)
-    kernels.matrix_combine(rows, np.ascontiguousarray(checked), update.numpy())
-    return update
+    update = np.empty(rows.shape[1], dtype=rows.dtype)
+    kernels.matrix_combine(rows, np.ascontiguousarray(checked), update)
+    return torch.from_numpy(update)
 
 
-def _loss_weighted_update(method: LossWeighting, rows: np.ndarray, dtype: torch.dtype,
-                          losses: Any) -> Tensor | None:
+def _loss_weighted_update(method: LossWeighting, rows: np.ndarray, losses: Any
+                          ) -> Tensor | None:
     """J^T c for weights c from the losses alone (a stateless loss weighting: sum, mean): one
     pass over J, no Gramian, as the engine's one weighted backward pass forms none either (so
     no rounding floor is applied to D, in ``aggregate`` as in ``backward``).
@@ -235,10 +238,11 @@ def _loss_weighted_update(method: LossWeighting, rows: np.ndarray, dtype: torch.
     is stateless, so computing its weights a second time there changes nothing.
     """
     c = method.loss_weights_array(rows.shape[0], losses)
-    update = torch.empty(rows.shape[1], dtype=dtype)
-    if not kernels.matrix_combine(rows, np.ascontiguousarray(c), update.numpy()):
+    # Allocated by NumPy and wrapped: cheaper than torch.empty and .numpy() at small d.
+    out = np.empty(rows.shape[1], dtype=rows.dtype)
+    if not kernels.matrix_combine(rows, np.ascontiguousarray(c), out):
         return None
-    return update
+    return torch.from_numpy(out)
 
 
 def checked_gramians(
