@@ -83,8 +83,9 @@ class _Call:
     """One recorded forward call of a module that owns parameters.
 
     Only what the Gramian needs is kept: a Linear layer's input (autograd saves it anyway) or an
-    Embedding's indices, the nodes that produced the inputs, the outputs' gradient edges and
-    shapes - not the outputs, which autograd may have freed.
+    Embedding's indices, the gradient edges of the inputs (the nodes that produced them, and
+    candidate cuts between sweeps: ``graph_cuts``) with their sizes, the outputs' gradient
+    edges and shapes - not the outputs, which autograd may have freed.
     """
 
     module: nn.Module
@@ -93,10 +94,12 @@ class _Call:
     output_shapes: list[tuple[torch.Size, torch.dtype, torch.device]]
     layer_input: Tensor | None = None
     input_version: int = 0
-    input_nodes: list[Any] = field(default_factory=list, repr=False)
-    # The gradient edges of the differentiable inputs, with their sizes: where the rows are
-    # swept in groups, candidate cuts between groups (``graph_cuts``).
     input_edges: list[tuple[GradientEdge, int]] = field(default_factory=list, repr=False)
+
+    @property
+    def input_nodes(self) -> list[Any]:
+        """The nodes that produced the differentiable inputs."""
+        return [edge.node for edge, _ in self.input_edges]
 
 
 class LayerTracker:
@@ -173,9 +176,8 @@ class LayerTracker:
                 output_shapes=[(t.shape, t.dtype, t.device) for t in outputs],
                 layer_input=inputs[0] if kept else None,
                 input_version=inputs[0]._version if kept else 0,
-                input_nodes=[t.grad_fn for t in inputs if t.grad_fn is not None],
                 input_edges=[(get_gradient_edge(t), t.numel()) for t in inputs
-                             if t.requires_grad and t.grad_fn is not None]))
+                             if t.grad_fn is not None]))
         return record
 
     def clear(self) -> None:

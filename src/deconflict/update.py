@@ -198,17 +198,20 @@ def matrix_update(method: Method, jacobian: Tensor, losses: Any = None
     protocol, a layout the compiled kernels cannot read, or a non-finite Gramian: the general
     path then names the task); the caller takes the general path.
     """
+    # A loss weighting is told apart first: ``weighs_by_gramian`` holds for every one.
+    from_losses: LossWeighting | None = None  # weights from the losses alone: no Gramian
     if isinstance(method, LossWeighting):
         if method.gradient_scope == "last_layer":
             return None
         if method.gradient_scope == "none" and not method.stateful:
-            rows = kernels.compiled_matrix(jacobian)
-            return None if rows is None else _loss_weighted_update(method, rows, losses)
+            from_losses = method
     elif not weighs_by_gramian(method):
         return None
     rows = kernels.compiled_matrix(jacobian)
     if rows is None:
         return None
+    if from_losses is not None:
+        return _loss_weighted_update(from_losses, rows, losses)
     M = kernels.matrix_gramian(rows)
     if not np.isfinite(M).all():
         return None
